@@ -1,0 +1,19 @@
+//! Compiles the vendored Envoy RLS v3 protos with protox, a pure-Rust protobuf compiler, so
+//! a fresh machine needs no system `protoc`. The encoded descriptor set is also written out
+//! for gRPC server reflection (grpcurl and ghz then work without proto files).
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("rls_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The limits after loading: validated, inheritance resolved, regexes compiled. This is what
+//! the matcher reads on every request, so it holds ready-to-use values only (no `Option`
+//! meaning "inherit", no strings still to parse).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde::Serialize;
+
+use crate::limiter::{Algorithm, Threshold};
+
+/// Every domain's limits, as one immutable set swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct LimitSet {
+    pub domains: HashMap<String, Domain>,
+}
+
+impl LimitSet {
+    pub fn domain(&self, name: &str) -> Option<&Domain> {
+        self.domains.get(name)
+    }
+}
+
+#[derive(Debug)]
+pub struct Domain {
+    pub name: String,
+    /// The file it was read from, for messages and `/config`.
+    pub file: PathBuf,
+    /// The descriptor entry whose value names the route.
+    pub route_key: String,
+    /// Whether a request's `limit` override is honoured.
+    pub allow_limit_override: bool,
+    pub routes: HashMap<String, Route>,
+}
+
+/// A setting's effective value and the route (or `defaults` / `builtin`) it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setting<T> {
+    pub value: T,
+    pub from: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteSettings {
+    pub algorithm: Setting<Algorithm>,
+    pub show_limit_quota_header: Setting<bool>,
+    pub rejected_code: Setting<u16>,
+    pub rejected_msg: Setting<String>,
+    pub shadow_mode: Setting<bool>,
+    #[serde(serialize_with = "serialize_duration_setting")]
+    pub timeout: Setting<Duration>,
+}
+
+fn serialize_duration_setting<S: serde::Serializer>(
+    s: &Setting<Duration>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    Setting {
+        value: humantime::format_duration(s.value).to_string(),
+        from: s.from.clone(),
+    }
+    .serialize(ser)
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub parent: Option<String>,
+    pub settings: RouteSettings,
+    pub limits: std::sync::Arc<RouteLimits>,
+    /// The route whose `global_threshold` / `rule_items` these are (itself or an ancestor).
+    pub limits_from: String,
+}
+
+/// A route's limits: one threshold for the whole route, or rule items tried in order.
+#[derive(Debug)]
+pub enum RouteLimits {
+    Global(Rule),
+    Items(Vec<RuleItem>),
+}
+
+/// One threshold and its identity.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Stable identity from content (or the rule's `name`), never its position, so reordering
+    /// a file keeps counters. Already safe to embed in a key.
+    pub id: String,
+    /// Shown to people: `current_limit.name` is `route/name`.
+    pub name: String,
+    pub threshold: Threshold,
+}
+
+#[derive(Debug)]
+pub struct RuleItem {
+    pub kind: LimitBy,
+    /// The descriptor entry that carries the attribute.
+    pub entry: String,
+    pub keys: Vec<KeyRule>,
+}
+
+#[derive(Debug)]
+pub struct KeyRule {
+    pub matcher: KeyMatcher,
+    pub rule: Rule,
+}
+
+/// What an item limits by. The `Per*` kinds give each distinct value its own counter; the
+/// others share one counter per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBy {
+    Header,
+    Param,
+    Cookie,
+    Consumer,
+    PerHeader,
+    PerParam,
+    PerCookie,
+    PerConsumer,
+    /// `from_header`: the entry holds a comma-separated list (X-Forwarded-For style) whose
+    /// first address counts.
+    PerIp { from_header: bool },
+}
+
+impl LimitBy {
+    pub fn per_value(self) -> bool {
+        !matches!(
+            self,
+            LimitBy::Header | LimitBy::Param | LimitBy::Cookie | LimitBy::Consumer
+        )
+    }
+
+    /// The field name in the limits file.
+    pub fn field(self) -> &'static str {
+        match self {
+            LimitBy::Header => "limit_by_header",
+            LimitBy::Param => "limit_by_param",
+            LimitBy::Cookie => "limit_by_cookie",
+            LimitBy::Consumer => "limit_by_consumer",
+            LimitBy::PerHeader => "limit_by_per_header",
+            LimitBy::PerParam => "limit_by_per_param",
+            LimitBy::PerCookie => "limit_by_per_cookie",
+            LimitBy::PerConsumer => "limit_by_per_consumer",
+            LimitBy::PerIp { .. } => "limit_by_per_ip",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum KeyMatcher {
+    Exact(String),
+    Regex(Regex),
+    Any,
+    Net(IpNet),
+}
+
+impl KeyMatcher {
+    pub fn matches(&self, value: &str, ip: Option<IpAddr>) -> bool {
+        match self {
+            KeyMatcher::Exact(exact) => exact == value,
+            KeyMatcher::Regex(re) => re.is_match(value),
+            KeyMatcher::Any => true,
+            KeyMatcher::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The native limits file as written by people: serde types that mirror the YAML one to one.
+//!
+//! Every struct denies unknown fields, so a typo (`rejeted_msg`) is a load error rather than a
+//! silently ignored setting. Optional everywhere: what is required, and what may not be
+//! combined, is decided in [`super::load`], which can then name the route and the fix instead
+//! of serde's generic "missing field".
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::limiter::Algorithm;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub domain: Option<String>,
+    pub route_key: Option<String>,
+    pub allow_limit_override: Option<bool>,
+    #[serde(default)]
+    pub defaults: SettingsRaw,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteRaw>>,
+}
+
+/// The settings a route inherits: from `defaults`, from its parent, or set on itself.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsRaw {
+    pub algorithm: Option<Algorithm>,
+    pub show_limit_quota_header: Option<bool>,
+    pub rejected_code: Option<u16>,
+    pub rejected_msg: Option<String>,
+    pub shadow_mode: Option<bool>,
+    pub timeout: Option<String>,
+}
+
+/// A route. The settings fields repeat [`SettingsRaw`] because serde cannot combine
+/// `flatten` with `deny_unknown_fields`; [`RouteRaw::settings`] gathers them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRaw {
+    pub name: Option<String>,
+    pub parent: Option<String>,
+    pub global_threshold: Option<ThresholdRaw>,
+    pub rule_items: Option<Vec<Spanned<RuleItemRaw>>>,
+    pub algorithm: Option<Algorithm>,
+    pub show_limit_quota_header: Option<bool>,
+    pub rejected_code: Option<u16>,
+    pub rejected_msg: Option<String>,
+    pub shadow_mode: Option<bool>,
+    pub timeout: Option<String>,
+}
+
+impl RouteRaw {
+    pub fn settings(&self) -> SettingsRaw {
+        SettingsRaw {
+            algorithm: self.algorithm,
+            show_limit_quota_header: self.show_limit_quota_header,
+            rejected_code: self.rejected_code,
+            rejected_msg: self.rejected_msg.clone(),
+            shadow_mode: self.shadow_mode,
+            timeout: self.timeout.clone(),
+        }
+    }
+}
+
+/// Exactly one `query_per_*` must be set; `burst` only for `token_bucket`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRaw {
+    pub query_per_second: Option<u64>,
+    pub query_per_minute: Option<u64>,
+    pub query_per_hour: Option<u64>,
+    pub query_per_day: Option<u64>,
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleItemRaw {
+    /// Optional stable name; when set it is the rule's identity (see DESIGN §2).
+    pub name: Option<String>,
+    pub limit_by_header: Option<String>,
+    pub limit_by_param: Option<String>,
+    pub limit_by_cookie: Option<String>,
+    pub limit_by_consumer: Option<String>,
+    pub limit_by_per_header: Option<String>,
+    pub limit_by_per_param: Option<String>,
+    pub limit_by_per_cookie: Option<String>,
+    pub limit_by_per_consumer: Option<String>,
+    pub limit_by_per_ip: Option<String>,
+    /// Overrides the descriptor entry the item reads.
+    pub descriptor_key: Option<String>,
+    pub limit_keys: Option<Vec<Spanned<LimitKeyRaw>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitKeyRaw {
+    pub key: Option<String>,
+    pub name: Option<String>,
+    pub query_per_second: Option<u64>,
+    pub query_per_minute: Option<u64>,
+    pub query_per_hour: Option<u64>,
+    pub query_per_day: Option<u64>,
+    pub burst: Option<u64>,
+}
+
+impl LimitKeyRaw {
+    pub fn threshold(&self) -> ThresholdRaw {
+        ThresholdRaw {
+            query_per_second: self.query_per_second,
+            query_per_minute: self.query_per_minute,
+            query_per_hour: self.query_per_hour,
+            query_per_day: self.query_per_day,
+            burst: self.burst,
+        }
+    }
+}
+
+/// A lenient view of a file, used only to find which route a parse error is in: unknown
+/// fields are ignored here so it still parses when the strict schema does not.
+#[derive(Debug, Deserialize)]
+pub struct RouteNames {
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteName>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RouteName {
+    pub name: Option<String>,
+}

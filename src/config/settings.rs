@@ -1,0 +1,295 @@
+//! Server settings: where to listen, which store, bounds on requests, logging.
+//!
+//! Layers, later wins: built-in defaults, the settings file (`--config`), environment
+//! variables, command-line flags. Every setting has an environment variable named after its
+//! path: `SLUICE_` + the path joined by `_`, upper-cased (`memory.max_entries` is
+//! `SLUICE_MEMORY_MAX_ENTRIES`), derived from the struct itself so a new setting cannot be
+//! forgotten.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// gRPC listen address (RLS v3, health, reflection).
+    pub grpc_addr: String,
+    /// HTTP listen address (metrics, health, config dump, JSON API).
+    pub http_addr: String,
+    /// Directory of limits files (`*.yaml`).
+    pub limits_dir: PathBuf,
+    /// Where counters live.
+    pub backend: Backend,
+    /// Log filter, in `tracing` env-filter syntax (`info`, `sluice=debug`).
+    pub log: String,
+    pub log_format: LogFormat,
+    pub memory: MemorySettings,
+    pub request: RequestBounds,
+    /// How long in-flight requests may take to finish after SIGTERM before the server exits.
+    pub shutdown_grace: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "0.0.0.0:8081".into(),
+            http_addr: "0.0.0.0:8080".into(),
+            limits_dir: PathBuf::from("config/limits"),
+            backend: Backend::Memory,
+            log: "info".into(),
+            log_format: LogFormat::Text,
+            memory: MemorySettings::default(),
+            request: RequestBounds::default(),
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Most counters held at once; see `limiter::memory` for what happens at the bound.
+    pub max_entries: usize,
+    /// How often expired counters are dropped.
+    pub sweep_interval: String,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        Self {
+            max_entries: 1_000_000,
+            sweep_interval: "10s".into(),
+        }
+    }
+}
+
+/// Bounds on what one request may carry; beyond them it is refused with INVALID_ARGUMENT,
+/// so no request can make the server do unbounded work or build unbounded keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestBounds {
+    pub max_descriptors: usize,
+    pub max_entries: usize,
+    /// Longest entry key or value, in bytes.
+    pub max_value_bytes: usize,
+    /// Largest encoded gRPC request, in bytes (enforced by the transport).
+    pub max_message_bytes: usize,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        Self {
+            max_descriptors: 64,
+            max_entries: 32,
+            max_value_bytes: 4096,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A settings problem, rendered for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{path}: cannot read settings file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub grpc_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub limits_dir: Option<PathBuf>,
+    pub backend: Option<String>,
+    pub log: Option<String>,
+}
+
+impl Settings {
+    /// Builds settings from every layer: defaults < file < environment < flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Self, SettingsError> {
+        let base = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let mut tree = serde_json::to_value(&base)
+            .map_err(|e| SettingsError::Invalid(format!("cannot represent settings: {e}")))?;
+        apply_env(&mut tree, &mut Vec::new(), &env)?;
+        let flag_values = [
+            ("grpc_addr", flags.grpc_addr.clone()),
+            ("http_addr", flags.http_addr.clone()),
+            (
+                "limits_dir",
+                flags.limits_dir.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("backend", flags.backend.clone()),
+            ("log", flags.log.clone()),
+        ];
+        for (key, value) in flag_values {
+            if let (Some(value), Value::Object(map)) = (value, &mut tree) {
+                map.insert(key.to_string(), Value::String(value));
+            }
+        }
+        let settings: Settings = serde_json::from_value(tree)
+            .map_err(|e| SettingsError::Invalid(format!("invalid setting: {e}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn from_file(path: &Path) -> Result<Self, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_saphyr::from_str(&text).map_err(|e| SettingsError::Parse {
+            path: path.to_path_buf(),
+            line: e.location().map(|l| l.line()).unwrap_or(0),
+            message: e.to_string().lines().next().unwrap_or("invalid YAML").to_string(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        for (name, addr) in [("grpc_addr", &self.grpc_addr), ("http_addr", &self.http_addr)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(SettingsError::Invalid(format!(
+                    "{name}: \"{addr}\" is not an address: write host:port, e.g. 0.0.0.0:8081"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("memory.sweep_interval", &self.memory.sweep_interval),
+            ("shutdown_grace", &self.shutdown_grace),
+        ] {
+            parse_duration(name, value)?;
+        }
+        if self.memory.max_entries == 0 {
+            return Err(SettingsError::Invalid(
+                "memory.max_entries: must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        parse_duration("memory.sweep_interval", &self.memory.sweep_interval)
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        parse_duration("shutdown_grace", &self.shutdown_grace).unwrap_or(Duration::from_secs(10))
+    }
+}
+
+fn parse_duration(name: &str, value: &str) -> Result<Duration, SettingsError> {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(SettingsError::Invalid(format!(
+            "{name}: \"{value}\" is not a duration: write it like `10s` or `500ms`"
+        ))),
+    }
+}
+
+/// Replaces every leaf of `tree` whose `SLUICE_<PATH>` variable is set.
+fn apply_env(
+    tree: &mut Value,
+    path: &mut Vec<String>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), SettingsError> {
+    match tree {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                path.push(key.clone());
+                apply_env(value, path, env)?;
+                path.pop();
+            }
+            Ok(())
+        }
+        leaf => {
+            let name = format!("SLUICE_{}", path.join("_").to_uppercase());
+            let Some(raw) = env(&name) else { return Ok(()) };
+            *leaf = match leaf {
+                Value::Number(_) => raw
+                    .trim()
+                    .parse::<u64>()
+                    .map(Value::from)
+                    .map_err(|_| SettingsError::Invalid(format!("{name}: \"{raw}\" is not a whole number")))?,
+                Value::Bool(_) => match raw.trim() {
+                    "true" | "1" => Value::Bool(true),
+                    "false" | "0" => Value::Bool(false),
+                    _ => return Err(SettingsError::Invalid(format!("{name}: \"{raw}\" is not true or false"))),
+                },
+                _ => Value::String(raw),
+            };
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_environment_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.yaml");
+        std::fs::write(&file, "grpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\nlog: warn\n").unwrap();
+        let env = |name: &str| match name {
+            "SLUICE_HTTP_ADDR" => Some("127.0.0.1:3".to_string()),
+            "SLUICE_GRPC_ADDR" => Some("127.0.0.1:4".to_string()),
+            "SLUICE_MEMORY_MAX_ENTRIES" => Some("7".to_string()),
+            _ => None,
+        };
+        let flags = Overrides {
+            grpc_addr: Some("127.0.0.1:5".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(s.grpc_addr, "127.0.0.1:5");
+        assert_eq!(s.http_addr, "127.0.0.1:3");
+        assert_eq!(s.log, "warn");
+        assert_eq!(s.memory.max_entries, 7);
+        assert_eq!(s.limits_dir, PathBuf::from("config/limits"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let env = |name: &str| (name == "SLUICE_MEMORY_MAX_ENTRIES").then(|| "lots".to_string());
+        let err = Settings::load(None, env, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("SLUICE_MEMORY_MAX_ENTRIES"), "{err}");
+        let err = Settings::load(None, |n: &str| (n == "SLUICE_BACKEND").then(|| "disk".into()), &Overrides::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("disk"), "{err}");
+    }
+}

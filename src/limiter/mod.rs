@@ -1,0 +1,126 @@
+//! Counting: the algorithms, and the [`Store`] trait every backend implements.
+//!
+//! This module knows thresholds, counter ids and time; it knows nothing about descriptors,
+//! routes or Envoy (that is [`crate::matcher`] and [`crate::service`]). Each algorithm is a
+//! pure function in [`algorithm`] over `(previous state, now, hits) -> (outcome, next state)`;
+//! a store only decides where the state lives and how it is updated atomically.
+
+pub mod algorithm;
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+pub use algorithm::Algorithm;
+
+/// The unit a threshold is expressed in. Kept (rather than only a period in milliseconds)
+/// because Envoy's response names the unit, and its `x-ratelimit-*` headers are built from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Unit {
+    pub const fn seconds(self) -> u64 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3_600,
+            Unit::Day => 86_400,
+            Unit::Week => 7 * 86_400,
+            // As envoyproxy/ratelimit: a month is 30 days and a year 365, so windows stay
+            // fixed-length and aligned to the epoch.
+            Unit::Month => 30 * 86_400,
+            Unit::Year => 365 * 86_400,
+        }
+    }
+}
+
+/// How many requests a counter admits per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Threshold {
+    pub limit: u64,
+    pub unit: Unit,
+    /// The period is `multiplier` units long (1 for every configured limit; request-side
+    /// overrides may carry Envoy's `unit_multiplier`).
+    pub multiplier: u32,
+    /// Token bucket capacity; `None` means `limit`.
+    pub burst: Option<u64>,
+}
+
+impl Threshold {
+    pub const fn new(limit: u64, unit: Unit) -> Self {
+        Self {
+            limit,
+            unit,
+            multiplier: 1,
+            burst: None,
+        }
+    }
+
+    /// The period in milliseconds, never zero (a zero multiplier is treated as one).
+    pub fn period_ms(&self) -> u64 {
+        self.unit.seconds() * u64::from(self.multiplier.max(1)) * 1000
+    }
+}
+
+/// Whether a batch entry takes hits or gives them back (Envoy's `is_negative_hits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitMode {
+    Take,
+    Give,
+}
+
+/// The answer of an algorithm for one counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub over: bool,
+    pub remaining: u64,
+    /// Milliseconds until the counter can admit again (over) or resets (not over).
+    pub reset_ms: u64,
+}
+
+/// One counter update of a request's batch. The store fills `outcome`.
+#[derive(Debug, Clone)]
+pub struct CounterOp {
+    /// The counter id (see [`crate::matcher::CounterId`]); already safe to embed in a key.
+    pub counter: String,
+    pub algorithm: Algorithm,
+    pub threshold: Threshold,
+    pub hits: u64,
+    pub mode: HitMode,
+    pub outcome: Outcome,
+}
+
+/// Why a store could not answer. Callers fall back; they never panic on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store timed out")]
+    Timeout,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store returned an unexpected reply: {0}")]
+    BadReply(String),
+}
+
+pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+/// A place where counters live. One call per request carries all of its counter updates, so a
+/// remote store can send them in one round trip.
+pub trait Store: Send + Sync + 'static {
+    /// Applies every op of the batch at time `now` (ms since the epoch) and fills in each
+    /// op's `outcome`. Either all outcomes are filled or an error is returned.
+    fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a>;
+
+    /// Where answers come from, for `dynamic_metadata` (`memory`, `redis`, ...).
+    fn source(&self) -> &'static str;
+}

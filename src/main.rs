@@ -1,0 +1,105 @@
+//! The `sluice` command line: parses arguments and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::config::settings::{Overrides, Settings};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A distributed rate-limit service for Envoy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Envoy's RLS v3 over gRPC.
+    Serve {
+        /// Settings file (YAML); environment variables SLUICE_* and flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// gRPC listen address [env: SLUICE_GRPC_ADDR, default 0.0.0.0:8081]
+        #[arg(long)]
+        grpc_addr: Option<String>,
+        /// HTTP listen address [env: SLUICE_HTTP_ADDR, default 0.0.0.0:8080]
+        #[arg(long)]
+        http_addr: Option<String>,
+        /// Directory of limits files [env: SLUICE_LIMITS_DIR, default config/limits]
+        #[arg(long)]
+        limits_dir: Option<PathBuf>,
+        /// Counter store: memory or redis [env: SLUICE_BACKEND, default memory]
+        #[arg(long)]
+        backend: Option<String>,
+        /// Log filter, e.g. info or sluice=debug [env: SLUICE_LOG, default info]
+        #[arg(long)]
+        log: Option<String>,
+    },
+    /// Validate limits files or directories; prints every error, exits 1 on any.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            grpc_addr,
+            http_addr,
+            limits_dir,
+            backend,
+            log,
+        } => {
+            let flags = Overrides {
+                grpc_addr,
+                http_addr,
+                limits_dir,
+                backend,
+                log,
+            };
+            let settings = match Settings::load(config.as_deref(), |k| std::env::var(k).ok(), &flags) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            sluice::server::init_tracing(&settings);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(sluice::server::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { paths } => {
+            let mut out = std::io::stdout().lock();
+            match sluice::check::check(&paths, &mut out) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Version => {
+            println!("sluice {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}

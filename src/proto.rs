@@ -1,0 +1,49 @@
+//! Generated types of the vendored Envoy RLS v3 protos (see `proto/README.md`).
+//!
+//! Only re-exports live here, so the rest of the crate names `proto::rls::RateLimitRequest`
+//! rather than the long Envoy package paths.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    pub mod r#type {
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+}
+
+/// The RLS v3 service messages, client and server.
+pub use envoy::service::ratelimit::v3 as rls;
+/// `RateLimitDescriptor` and its entries.
+pub use envoy::extensions::common::ratelimit::v3 as descriptor;
+/// `HeaderValue`.
+pub use envoy::config::core::v3 as core;
+/// `RateLimitUnit` (used by request-side limit overrides).
+pub use envoy::r#type::v3 as unit;
+
+/// The encoded descriptor set of every vendored proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rls_descriptor.bin"));

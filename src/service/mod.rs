@@ -1,0 +1,301 @@
+//! The request path of DESIGN §1, independent of the transport: validate the request, match
+//! every descriptor, count them in one store batch, and build Envoy's response (§4).
+//!
+//! [`grpc`] adapts it to tonic. It holds no lock across the store's `.await`: the limits are
+//! an `Arc` snapshot taken once per request, so a reload swaps them without waiting for
+//! in-flight requests, which finish on the set they started with.
+
+pub mod grpc;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prost_types::{Struct, Value, value::Kind};
+
+use crate::clock::Clock;
+use crate::config::settings::RequestBounds;
+use crate::config::{LimitSet, Route};
+use crate::limiter::{CounterOp, HitMode, Outcome, Store, StoreError, Threshold, Unit};
+use crate::matcher::{self, Matched};
+use crate::proto::core::HeaderValue;
+use crate::proto::descriptor::RateLimitDescriptor;
+use crate::proto::rls::rate_limit_response::rate_limit::Unit as ProtoUnit;
+use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus, RateLimit};
+use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+
+/// Why a request got no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request itself is malformed; the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Everything one request needs, shared by all connections.
+pub struct RateLimiter {
+    limits: ArcSwap<LimitSet>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    bounds: RequestBounds,
+}
+
+impl RateLimiter {
+    pub fn new(limits: LimitSet, store: Arc<dyn Store>, clock: Arc<dyn Clock>, bounds: RequestBounds) -> Self {
+        Self {
+            limits: ArcSwap::from_pointee(limits),
+            store,
+            clock,
+            bounds,
+        }
+    }
+
+    /// The limits currently served.
+    pub fn limits(&self) -> Arc<LimitSet> {
+        self.limits.load_full()
+    }
+
+    /// Swaps in a new, already validated, set of limits.
+    pub fn replace_limits(&self, limits: LimitSet) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    pub async fn should_rate_limit(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, RequestError> {
+        validate(request, &self.bounds)?;
+        let limits = self.limits.load_full();
+        let Some(domain) = limits.domain(&request.domain) else {
+            // Unknown domain: not an error (Envoy may send domains this replica does not
+            // serve yet), OK with no limit for every descriptor.
+            return Ok(unlimited(request.descriptors.len()));
+        };
+
+        let request_hits = if request.hits_addend == 0 { 1 } else { u64::from(request.hits_addend) };
+        let mut matches: Vec<Option<Matched<'_>>> = Vec::with_capacity(request.descriptors.len());
+        let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
+        for descriptor in &request.descriptors {
+            let matched = matcher::match_descriptor(domain, descriptor);
+            if let Some(m) = &matched {
+                ops.push(CounterOp {
+                    counter: m.counter.clone(),
+                    algorithm: m.route.map(|r| r.settings.algorithm.value).unwrap_or_default(),
+                    threshold: m.threshold,
+                    hits: hits(descriptor, request_hits),
+                    mode: if descriptor.is_negative_hits { HitMode::Give } else { HitMode::Take },
+                    outcome: Outcome::default(),
+                });
+            }
+            matches.push(matched);
+        }
+        if !ops.is_empty() {
+            let now = self.clock.now_ms();
+            self.store.apply(&mut ops, now).await?;
+        }
+        Ok(respond(&matches, &ops, self.store.source()))
+    }
+}
+
+/// A descriptor's own `hits_addend` wins (its explicit 0 checks without counting); otherwise
+/// the request's, where 0 means 1.
+fn hits(descriptor: &RateLimitDescriptor, request_hits: u64) -> u64 {
+    descriptor.hits_addend.unwrap_or(request_hits)
+}
+
+fn validate(request: &RateLimitRequest, bounds: &RequestBounds) -> Result<(), RequestError> {
+    let invalid = |m: String| Err(RequestError::Invalid(m));
+    if request.domain.is_empty() {
+        return invalid("domain is empty: every request names its rate limit domain".into());
+    }
+    if request.domain.len() > bounds.max_value_bytes {
+        return invalid(format!("domain is {} bytes, more than the bound of {}", request.domain.len(), bounds.max_value_bytes));
+    }
+    if request.descriptors.is_empty() {
+        return invalid("no descriptors: a request carries at least one".into());
+    }
+    if request.descriptors.len() > bounds.max_descriptors {
+        return invalid(format!(
+            "{} descriptors, more than the bound of {} (request.max_descriptors)",
+            request.descriptors.len(),
+            bounds.max_descriptors
+        ));
+    }
+    for (i, d) in request.descriptors.iter().enumerate() {
+        if d.entries.is_empty() {
+            return invalid(format!("descriptor {i} has no entries"));
+        }
+        if d.entries.len() > bounds.max_entries {
+            return invalid(format!(
+                "descriptor {i} has {} entries, more than the bound of {} (request.max_entries)",
+                d.entries.len(),
+                bounds.max_entries
+            ));
+        }
+        for (j, e) in d.entries.iter().enumerate() {
+            if e.key.is_empty() {
+                return invalid(format!("descriptor {i} entry {j} has an empty key"));
+            }
+            let longest = e.key.len().max(e.value.len());
+            if longest > bounds.max_value_bytes {
+                return invalid(format!(
+                    "descriptor {i} entry {j} (\"{}\") is {longest} bytes, more than the bound of {} (request.max_value_bytes)",
+                    truncate(&e.key, 64),
+                    bounds.max_value_bytes
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn unlimited(n: usize) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: Code::Ok as i32,
+        statuses: vec![ok_without_limit(); n],
+        ..Default::default()
+    }
+}
+
+fn ok_without_limit() -> DescriptorStatus {
+    DescriptorStatus {
+        code: Code::Ok as i32,
+        ..Default::default()
+    }
+}
+
+/// Builds the response of DESIGN §4 from the matches (in descriptor order) and the store's
+/// outcomes (in the same order, for the matched ones only).
+fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> RateLimitResponse {
+    let mut statuses = Vec::with_capacity(matches.len());
+    let mut outcomes = ops.iter().map(|op| op.outcome);
+    // The descriptor that decides the answer: the first one over the limit (not in shadow
+    // mode), else the first one matched. Reported in dynamic_metadata.
+    let mut deciding: Option<(&Matched<'_>, Outcome, bool)> = None;
+    let mut rejected: Option<&Route> = None;
+    // Most restrictive descriptor among routes that show quota headers.
+    let mut quota: Option<(Threshold, Outcome)> = None;
+    let mut overall = Code::Ok;
+
+    for m in matches {
+        let Some(m) = m else {
+            statuses.push(ok_without_limit());
+            continue;
+        };
+        let outcome = outcomes.next().unwrap_or_default();
+        let shadow = m.route.is_some_and(|r| r.settings.shadow_mode.value);
+        let over = outcome.over && !shadow;
+        if over && overall == Code::Ok {
+            overall = Code::OverLimit;
+            rejected = m.route;
+            deciding = Some((m, outcome, shadow));
+        } else if deciding.is_none() {
+            deciding = Some((m, outcome, shadow));
+        }
+        if m.route.is_some_and(|r| r.settings.show_limit_quota_header.value) {
+            let tighter = match &quota {
+                None => true,
+                Some((_, q)) => (outcome.remaining, std::cmp::Reverse(outcome.reset_ms)) < (q.remaining, std::cmp::Reverse(q.reset_ms)),
+            };
+            if tighter {
+                quota = Some((m.threshold, outcome));
+            }
+        }
+        statuses.push(DescriptorStatus {
+            code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            current_limit: Some(current_limit(m)),
+            limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
+            duration_until_reset: Some(duration(outcome.reset_ms)),
+        });
+    }
+
+    let response_headers_to_add = quota
+        .map(|(threshold, outcome)| {
+            vec![
+                header("X-RateLimit-Limit", threshold.limit.to_string()),
+                header("X-RateLimit-Remaining", outcome.remaining.to_string()),
+                header("X-RateLimit-Reset", outcome.reset_ms.div_ceil(1000).to_string()),
+            ]
+        })
+        .unwrap_or_default();
+    let raw_body = rejected
+        .map(|r| r.settings.rejected_msg.value.as_bytes().to_vec())
+        .unwrap_or_default();
+    let dynamic_metadata = deciding.map(|(m, outcome, shadow)| {
+        let decision = match (outcome.over, shadow) {
+            (false, _) => "ok",
+            (true, false) => "over_limit",
+            (true, true) => "shadow",
+        };
+        metadata(&[
+            ("route", m.route.map(|r| r.name.as_str()).unwrap_or("")),
+            ("rule", m.rule),
+            ("source", source),
+            ("decision", decision),
+        ])
+    });
+    RateLimitResponse {
+        overall_code: overall as i32,
+        statuses,
+        response_headers_to_add,
+        request_headers_to_add: Vec::new(),
+        raw_body,
+        dynamic_metadata,
+    }
+}
+
+fn current_limit(m: &Matched<'_>) -> RateLimit {
+    let t = &m.threshold;
+    let unit = match t.unit {
+        Unit::Second => ProtoUnit::Second,
+        Unit::Minute => ProtoUnit::Minute,
+        Unit::Hour => ProtoUnit::Hour,
+        Unit::Day => ProtoUnit::Day,
+        Unit::Week => ProtoUnit::Week,
+        Unit::Month => ProtoUnit::Month,
+        Unit::Year => ProtoUnit::Year,
+    };
+    let route = m.route.map(|r| r.name.as_str()).unwrap_or("");
+    RateLimit {
+        name: format!("{route}/{}", m.rule),
+        requests_per_unit: u32::try_from(t.limit).unwrap_or(u32::MAX),
+        unit: unit as i32,
+        unit_multiplier: (t.multiplier > 1).then_some(t.multiplier),
+    }
+}
+
+fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value,
+    }
+}
+
+fn metadata(fields: &[(&str, &str)]) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue((*v).to_string())),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
