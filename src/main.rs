@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use sluice::config::settings::{Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A distributed rate-limit service for Envoy")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A distributed rate-limit service for Envoy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,13 +67,14 @@ fn main() -> ExitCode {
                 backend,
                 log,
             };
-            let settings = match Settings::load(config.as_deref(), |k| std::env::var(k).ok(), &flags) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+            let settings =
+                match Settings::load(config.as_deref(), |k| std::env::var(k).ok(), &flags) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             sluice::server::init_tracing(&settings);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -34,7 +34,10 @@ pub struct Matched<'a> {
 pub const OVERRIDE_RULE: &str = "override";
 
 /// Finds the limit for one descriptor, or `None` when it has none.
-pub fn match_descriptor<'a>(domain: &'a Domain, descriptor: &RateLimitDescriptor) -> Option<Matched<'a>> {
+pub fn match_descriptor<'a>(
+    domain: &'a Domain,
+    descriptor: &RateLimitDescriptor,
+) -> Option<Matched<'a>> {
     let entries = &descriptor.entries;
     let route = find(entries, &domain.route_key).and_then(|name| domain.routes.get(name));
     let override_threshold = descriptor
@@ -69,7 +72,12 @@ pub fn match_descriptor<'a>(domain: &'a Domain, descriptor: &RateLimitDescriptor
                     hasher.update(part.as_bytes());
                 }
             }
-            let _ = write!(counter, "{}:o{}", &hasher.finalize().to_hex()[..32], threshold.period_ms() / 1000);
+            let _ = write!(
+                counter,
+                "{}:o{}",
+                &hasher.finalize().to_hex()[..32],
+                threshold.period_ms() / 1000
+            );
             Some(Matched {
                 route,
                 rule: OVERRIDE_RULE,
@@ -128,7 +136,10 @@ fn match_route<'a>(domain: &'a Domain, route: &'a Route, entries: &[Entry]) -> O
 
 /// The first key of `item` that matches, with the value it matched (and the address, for
 /// per-IP items). `None` when the entry is absent, the address unreadable, or no key matches.
-fn match_item<'a, 'e>(item: &'a RuleItem, entries: &'e [Entry]) -> Option<(&'a KeyRule, &'e str, Option<IpAddr>)> {
+fn match_item<'a, 'e>(
+    item: &'a RuleItem,
+    entries: &'e [Entry],
+) -> Option<(&'a KeyRule, &'e str, Option<IpAddr>)> {
     let value = find(entries, &item.entry)?;
     let ip = match item.kind {
         LimitBy::PerIp { from_header } => {
@@ -159,7 +170,10 @@ fn parse_ip(text: &str) -> Option<IpAddr> {
 }
 
 fn find<'e>(entries: &'e [Entry], key: &str) -> Option<&'e str> {
-    entries.iter().find(|e| e.key == key).map(|e| e.value.as_str())
+    entries
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.value.as_str())
 }
 
 fn override_threshold(o: &RateLimitOverride) -> Option<Threshold> {

@@ -36,14 +36,15 @@ pub mod envoy {
     }
 }
 
-/// The RLS v3 service messages, client and server.
-pub use envoy::service::ratelimit::v3 as rls;
-/// `RateLimitDescriptor` and its entries.
-pub use envoy::extensions::common::ratelimit::v3 as descriptor;
 /// `HeaderValue`.
 pub use envoy::config::core::v3 as core;
+/// `RateLimitDescriptor` and its entries.
+pub use envoy::extensions::common::ratelimit::v3 as descriptor;
+/// The RLS v3 service messages, client and server.
+pub use envoy::service::ratelimit::v3 as rls;
 /// `RateLimitUnit` (used by request-side limit overrides).
 pub use envoy::r#type::v3 as unit;
 
 /// The encoded descriptor set of every vendored proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rls_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rls_descriptor.bin"));

@@ -27,10 +27,15 @@ use crate::service::grpc::GrpcService;
 pub enum ServeError {
     #[error("limits are invalid:\n{0}")]
     Limits(#[from] ConfigErrors),
-    #[error("limits directory {0} does not exist: run from the repository root, or set --limits-dir / SLUICE_LIMITS_DIR")]
+    #[error(
+        "limits directory {0} does not exist: run from the repository root, or set --limits-dir / SLUICE_LIMITS_DIR"
+    )]
     NoLimitsDir(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("backend {0:?} is not available in this version of sluice; use `memory`")]
     Backend(Backend),
     #[error("gRPC server: {0}")]
@@ -58,7 +63,10 @@ impl ServerHandle {
             Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server stopped with an error"),
             Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
             Err(_) => {
-                warn!(?grace, "in-flight requests did not finish within the grace period");
+                warn!(
+                    ?grace,
+                    "in-flight requests did not finish within the grace period"
+                );
                 self.grpc.abort();
             }
         }
@@ -71,7 +79,9 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         return Err(ServeError::Backend(settings.backend));
     }
     if !settings.limits_dir.is_dir() {
-        return Err(ServeError::NoLimitsDir(settings.limits_dir.display().to_string()));
+        return Err(ServeError::NoLimitsDir(
+            settings.limits_dir.display().to_string(),
+        ));
     }
     let limits = load_dir(&settings.limits_dir)?;
     for domain in limits.domains.values() {

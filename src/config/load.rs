@@ -187,12 +187,17 @@ fn parse_error(file: &Path, text: &str, err: &serde_saphyr::Error) -> ConfigErro
     let full = err.to_string();
     // The first line is serde's message; the rest is a rendering of the source we replace
     // with our own `file:line:` prefix.
-    let mut message = full
-        .lines()
-        .next()
-        .unwrap_or("invalid YAML")
-        .trim()
-        .to_string();
+    let first = full.lines().next().unwrap_or("invalid YAML").trim();
+    // The parser prefixes its own "error: line N column M:"; our prefix already says where.
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let first = match first
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((_, rest)) => rest,
+        None => first,
+    };
+    let mut message = first.to_string();
     let mut field = String::new();
     if let Some(rest) = message.split("unknown field `").nth(1)
         && let Some(name) = rest.split('`').next()
@@ -273,7 +278,11 @@ impl<'a> FileContext<'a> {
         };
         let route_key = raw.route_key.unwrap_or_else(|| "route".to_string());
         if route_key.is_empty() {
-            self.error(top, "route_key", "must not be empty (the default is `route`)");
+            self.error(
+                top,
+                "route_key",
+                "must not be empty (the default is `route`)",
+            );
         }
         let defaults = self.settings_layer(&raw.defaults, "defaults", None, top, "defaults.");
 
@@ -308,11 +317,20 @@ impl<'a> FileContext<'a> {
         let mut routes = HashMap::new();
         // File order, so errors come out in the order a reader meets them.
         for (i, route) in raw.routes.iter().enumerate() {
-            let Some(name) = route.value.name.as_ref() else { continue };
+            let Some(name) = route.value.name.as_ref() else {
+                continue;
+            };
             if index.get(name) != Some(&i) {
                 continue;
             }
-            let resolved = self.resolve_route(i, &raw.routes, &index, &defaults, &mut visits, &mut Vec::new());
+            let resolved = self.resolve_route(
+                i,
+                &raw.routes,
+                &index,
+                &defaults,
+                &mut visits,
+                &mut Vec::new(),
+            );
             let at = At {
                 route: Some(name),
                 line: Some(route.referenced.line()),
@@ -471,19 +489,27 @@ impl<'a> FileContext<'a> {
                 format!("{code} is not an HTTP status: use a code from 100 to 599, e.g. 429"),
             );
         }
-        let timeout = own.timeout.as_deref().and_then(|t| match humantime::parse_duration(t) {
-            Ok(d) if !d.is_zero() => Some(d),
-            _ => {
-                self.error(
-                    at,
-                    format!("{prefix}timeout"),
-                    format!("\"{t}\" is not a duration: write it like `50ms` or `1s`"),
-                );
-                None
-            }
-        });
+        let timeout = own
+            .timeout
+            .as_deref()
+            .and_then(|t| match humantime::parse_duration(t) {
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    self.error(
+                        at,
+                        format!("{prefix}timeout"),
+                        format!("\"{t}\" is not a duration: write it like `50ms` or `1s`"),
+                    );
+                    None
+                }
+            });
         RouteSettings {
-            algorithm: pick(own.algorithm, own_name, base.map(|b| &b.algorithm), Algorithm::FixedWindow),
+            algorithm: pick(
+                own.algorithm,
+                own_name,
+                base.map(|b| &b.algorithm),
+                Algorithm::FixedWindow,
+            ),
             show_limit_quota_header: pick(
                 own.show_limit_quota_header,
                 own_name,
@@ -502,7 +528,12 @@ impl<'a> FileContext<'a> {
                 base.map(|b| &b.rejected_msg),
                 DEFAULT_REJECTED_MSG.to_string(),
             ),
-            shadow_mode: pick(own.shadow_mode, own_name, base.map(|b| &b.shadow_mode), false),
+            shadow_mode: pick(
+                own.shadow_mode,
+                own_name,
+                base.map(|b| &b.shadow_mode),
+                false,
+            ),
             timeout: pick(timeout, own_name, base.map(|b| &b.timeout), DEFAULT_TIMEOUT),
         }
     }
@@ -592,12 +623,19 @@ impl<'a> FileContext<'a> {
             self.error(
                 at,
                 field,
-                format!("{limit} is larger than Envoy can carry (at most {})", u32::MAX),
+                format!(
+                    "{limit} is larger than Envoy can carry (at most {})",
+                    u32::MAX
+                ),
             );
             return None;
         }
         if raw.burst == Some(0) {
-            self.error(at, format!("{field}.burst"), "must be at least 1 (or left out to mean the limit)");
+            self.error(
+                at,
+                format!("{field}.burst"),
+                "must be at least 1 (or left out to mean the limit)",
+            );
             return None;
         }
         Some(Threshold {
@@ -654,7 +692,10 @@ impl<'a> FileContext<'a> {
             LimitBy::Consumer | LimitBy::PerConsumer => (kind, "consumer".to_string()),
             LimitBy::PerIp { .. } => {
                 if value == "from-remote-addr" {
-                    (LimitBy::PerIp { from_header: false }, "remote_address".to_string())
+                    (
+                        LimitBy::PerIp { from_header: false },
+                        "remote_address".to_string(),
+                    )
                 } else if let Some(header) = value.strip_prefix("from-header-")
                     && !header.is_empty()
                 {
@@ -686,7 +727,11 @@ impl<'a> FileContext<'a> {
         };
         let entry = match raw.descriptor_key.as_deref() {
             Some("") => {
-                self.error(at, format!("{field}.descriptor_key"), "must not be empty; leave it out to use the default entry");
+                self.error(
+                    at,
+                    format!("{field}.descriptor_key"),
+                    "must not be empty; leave it out to use the default entry",
+                );
                 return None;
             }
             Some(key) => key.to_string(),
@@ -728,7 +773,11 @@ impl<'a> FileContext<'a> {
         field: &str,
     ) -> Option<KeyRule> {
         let Some(key) = raw.key.as_deref() else {
-            self.error(at, format!("{field}.key"), "missing: set the value, `regexp:<re>`, `*` or address this key matches");
+            self.error(
+                at,
+                format!("{field}.key"),
+                "missing: set the value, `regexp:<re>`, `*` or address this key matches",
+            );
             return None;
         };
         let key_field = format!("{field}.key");
@@ -756,7 +805,11 @@ impl<'a> FileContext<'a> {
                     match Regex::new(re) {
                         Ok(re) => KeyMatcher::Regex(re),
                         Err(e) => {
-                            let detail = e.to_string().replace('\n', " ");
+                            let detail = e
+                                .to_string()
+                                .split_whitespace()
+                                .collect::<Vec<_>>()
+                                .join(" ");
                             self.error(at, key_field, format!("bad regexp \"{re}\": {detail}"));
                             return None;
                         }
@@ -797,12 +850,19 @@ impl<'a> FileContext<'a> {
             Some(name) if !name.is_empty() => (rule_id(&["name", name], period), name.to_string()),
             _ => (
                 rule_id(&[kind.field(), entry, key], period),
-                format!("{}:{entry}={key}", kind.field().trim_start_matches("limit_by_")),
+                format!(
+                    "{}:{entry}={key}",
+                    kind.field().trim_start_matches("limit_by_")
+                ),
             ),
         };
         Some(KeyRule {
             matcher,
-            rule: Rule { id, name, threshold },
+            rule: Rule {
+                id,
+                name,
+                threshold,
+            },
         })
     }
 

@@ -122,7 +122,9 @@ pub enum LimitBy {
     PerConsumer,
     /// `from_header`: the entry holds a comma-separated list (X-Forwarded-For style) whose
     /// first address counts.
-    PerIp { from_header: bool },
+    PerIp {
+        from_header: bool,
+    },
 }
 
 impl LimitBy {

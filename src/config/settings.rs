@@ -175,12 +175,20 @@ impl Settings {
         serde_saphyr::from_str(&text).map_err(|e| SettingsError::Parse {
             path: path.to_path_buf(),
             line: e.location().map(|l| l.line()).unwrap_or(0),
-            message: e.to_string().lines().next().unwrap_or("invalid YAML").to_string(),
+            message: e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("invalid YAML")
+                .to_string(),
         })
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        for (name, addr) in [("grpc_addr", &self.grpc_addr), ("http_addr", &self.http_addr)] {
+        for (name, addr) in [
+            ("grpc_addr", &self.grpc_addr),
+            ("http_addr", &self.http_addr),
+        ] {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid(format!(
                     "{name}: \"{addr}\" is not an address: write host:port, e.g. 0.0.0.0:8081"
@@ -239,15 +247,17 @@ fn apply_env(
             let name = format!("SLUICE_{}", path.join("_").to_uppercase());
             let Some(raw) = env(&name) else { return Ok(()) };
             *leaf = match leaf {
-                Value::Number(_) => raw
-                    .trim()
-                    .parse::<u64>()
-                    .map(Value::from)
-                    .map_err(|_| SettingsError::Invalid(format!("{name}: \"{raw}\" is not a whole number")))?,
+                Value::Number(_) => raw.trim().parse::<u64>().map(Value::from).map_err(|_| {
+                    SettingsError::Invalid(format!("{name}: \"{raw}\" is not a whole number"))
+                })?,
                 Value::Bool(_) => match raw.trim() {
                     "true" | "1" => Value::Bool(true),
                     "false" | "0" => Value::Bool(false),
-                    _ => return Err(SettingsError::Invalid(format!("{name}: \"{raw}\" is not true or false"))),
+                    _ => {
+                        return Err(SettingsError::Invalid(format!(
+                            "{name}: \"{raw}\" is not true or false"
+                        )));
+                    }
                 },
                 _ => Value::String(raw),
             };
@@ -264,7 +274,11 @@ mod tests {
     fn flag_beats_environment_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sluice.yaml");
-        std::fs::write(&file, "grpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\nlog: warn\n").unwrap();
+        std::fs::write(
+            &file,
+            "grpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\nlog: warn\n",
+        )
+        .unwrap();
         let env = |name: &str| match name {
             "SLUICE_HTTP_ADDR" => Some("127.0.0.1:3".to_string()),
             "SLUICE_GRPC_ADDR" => Some("127.0.0.1:4".to_string()),
@@ -287,9 +301,16 @@ mod tests {
     fn bad_values_are_named() {
         let env = |name: &str| (name == "SLUICE_MEMORY_MAX_ENTRIES").then(|| "lots".to_string());
         let err = Settings::load(None, env, &Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("SLUICE_MEMORY_MAX_ENTRIES"), "{err}");
-        let err = Settings::load(None, |n: &str| (n == "SLUICE_BACKEND").then(|| "disk".into()), &Overrides::default())
-            .unwrap_err();
+        assert!(
+            err.to_string().contains("SLUICE_MEMORY_MAX_ENTRIES"),
+            "{err}"
+        );
+        let err = Settings::load(
+            None,
+            |n: &str| (n == "SLUICE_BACKEND").then(|| "disk".into()),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("disk"), "{err}");
     }
 }

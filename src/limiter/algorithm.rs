@@ -105,7 +105,14 @@ mod tests {
         assert_eq!(outcomes[3].reset_ms, 45_000);
 
         let (out, _) = fixed_window(state, 11 * MIN, &t, 1, HitMode::Take);
-        assert_eq!(out, Outcome { over: false, remaining: 2, reset_ms: MIN });
+        assert_eq!(
+            out,
+            Outcome {
+                over: false,
+                remaining: 2,
+                reset_ms: MIN
+            }
+        );
     }
 
     #[test]

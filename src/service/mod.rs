@@ -42,7 +42,12 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(limits: LimitSet, store: Arc<dyn Store>, clock: Arc<dyn Clock>, bounds: RequestBounds) -> Self {
+    pub fn new(
+        limits: LimitSet,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        bounds: RequestBounds,
+    ) -> Self {
         Self {
             limits: ArcSwap::from_pointee(limits),
             store,
@@ -61,7 +66,10 @@ impl RateLimiter {
         self.limits.store(Arc::new(limits));
     }
 
-    pub async fn should_rate_limit(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, RequestError> {
+    pub async fn should_rate_limit(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, RequestError> {
         validate(request, &self.bounds)?;
         let limits = self.limits.load_full();
         let Some(domain) = limits.domain(&request.domain) else {
@@ -70,7 +78,11 @@ impl RateLimiter {
             return Ok(unlimited(request.descriptors.len()));
         };
 
-        let request_hits = if request.hits_addend == 0 { 1 } else { u64::from(request.hits_addend) };
+        let request_hits = if request.hits_addend == 0 {
+            1
+        } else {
+            u64::from(request.hits_addend)
+        };
         let mut matches: Vec<Option<Matched<'_>>> = Vec::with_capacity(request.descriptors.len());
         let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
         for descriptor in &request.descriptors {
@@ -78,10 +90,17 @@ impl RateLimiter {
             if let Some(m) = &matched {
                 ops.push(CounterOp {
                     counter: m.counter.clone(),
-                    algorithm: m.route.map(|r| r.settings.algorithm.value).unwrap_or_default(),
+                    algorithm: m
+                        .route
+                        .map(|r| r.settings.algorithm.value)
+                        .unwrap_or_default(),
                     threshold: m.threshold,
                     hits: hits(descriptor, request_hits),
-                    mode: if descriptor.is_negative_hits { HitMode::Give } else { HitMode::Take },
+                    mode: if descriptor.is_negative_hits {
+                        HitMode::Give
+                    } else {
+                        HitMode::Take
+                    },
                     outcome: Outcome::default(),
                 });
             }
@@ -107,7 +126,11 @@ fn validate(request: &RateLimitRequest, bounds: &RequestBounds) -> Result<(), Re
         return invalid("domain is empty: every request names its rate limit domain".into());
     }
     if request.domain.len() > bounds.max_value_bytes {
-        return invalid(format!("domain is {} bytes, more than the bound of {}", request.domain.len(), bounds.max_value_bytes));
+        return invalid(format!(
+            "domain is {} bytes, more than the bound of {}",
+            request.domain.len(),
+            bounds.max_value_bytes
+        ));
     }
     if request.descriptors.is_empty() {
         return invalid("no descriptors: a request carries at least one".into());
@@ -198,10 +221,15 @@ fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> 
         } else if deciding.is_none() {
             deciding = Some((m, outcome, shadow));
         }
-        if m.route.is_some_and(|r| r.settings.show_limit_quota_header.value) {
+        if m.route
+            .is_some_and(|r| r.settings.show_limit_quota_header.value)
+        {
             let tighter = match &quota {
                 None => true,
-                Some((_, q)) => (outcome.remaining, std::cmp::Reverse(outcome.reset_ms)) < (q.remaining, std::cmp::Reverse(q.reset_ms)),
+                Some((_, q)) => {
+                    (outcome.remaining, std::cmp::Reverse(outcome.reset_ms))
+                        < (q.remaining, std::cmp::Reverse(q.reset_ms))
+                }
             };
             if tighter {
                 quota = Some((m.threshold, outcome));
@@ -220,7 +248,10 @@ fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> 
             vec![
                 header("X-RateLimit-Limit", threshold.limit.to_string()),
                 header("X-RateLimit-Remaining", outcome.remaining.to_string()),
-                header("X-RateLimit-Reset", outcome.reset_ms.div_ceil(1000).to_string()),
+                header(
+                    "X-RateLimit-Reset",
+                    outcome.reset_ms.div_ceil(1000).to_string(),
+                ),
             ]
         })
         .unwrap_or_default();
