@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod limiter;
 pub mod matcher;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;

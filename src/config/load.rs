@@ -96,6 +96,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
         }
     }
     let mut set = LimitSet::default();
+    let mut content = blake3::Hasher::new();
     for file in files {
         let text = match std::fs::read_to_string(&file) {
             Ok(text) => text,
@@ -104,6 +105,10 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
                 continue;
             }
         };
+        for part in [file.to_string_lossy().as_bytes(), text.as_bytes()] {
+            content.update(&(part.len() as u64).to_le_bytes());
+            content.update(part);
+        }
         match parse_file(&file, &text) {
             Ok(domain) => {
                 if let Some(first) = set.domains.get(&domain.name) {
@@ -126,6 +131,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
             Err(mut file_errors) => errors.append(&mut file_errors),
         }
     }
+    set.content_hash = content.finalize().to_hex().to_string();
     if errors.is_empty() {
         Ok(set)
     } else {

@@ -17,6 +17,11 @@ use crate::limiter::{Algorithm, Threshold};
 #[derive(Debug, Default)]
 pub struct LimitSet {
     pub domains: HashMap<String, Domain>,
+    /// blake3 of every file's name and content, in path order: two replicas serving the same
+    /// files show the same hash on `/config`.
+    pub content_hash: String,
+    /// When this set was loaded (ms since the epoch); set by whoever loads it.
+    pub loaded_at_ms: u64,
 }
 
 impl LimitSet {
@@ -166,6 +171,86 @@ impl KeyMatcher {
             KeyMatcher::Regex(re) => re.is_match(value),
             KeyMatcher::Any => true,
             KeyMatcher::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
+        }
+    }
+}
+
+impl LimitSet {
+    /// The effective limits as JSON for `GET /config`: every route's settings with the
+    /// route each came from, and its limits with the route they came from.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{Map, json};
+        let mut domains: Vec<&Domain> = self.domains.values().collect();
+        domains.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Map::new();
+        for d in domains {
+            let mut routes: Vec<&Route> = d.routes.values().collect();
+            routes.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut route_map = Map::new();
+            for r in routes {
+                route_map.insert(
+                    r.name.clone(),
+                    json!({
+                        "parent": r.parent,
+                        "settings": r.settings,
+                        "limits_from": r.limits_from,
+                        "limits": r.limits.to_json(),
+                    }),
+                );
+            }
+            out.insert(
+                d.name.clone(),
+                json!({
+                    "file": d.file.display().to_string(),
+                    "route_key": d.route_key,
+                    "allow_limit_override": d.allow_limit_override,
+                    "routes": route_map,
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+impl RouteLimits {
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            RouteLimits::Global(rule) => json!({ "global_threshold": rule.to_json() }),
+            RouteLimits::Items(items) => json!({
+                "rule_items": items.iter().map(|item| json!({
+                    "limit_by": item.kind.field(),
+                    "entry": item.entry,
+                    "limit_keys": item.keys.iter().map(|k| {
+                        let mut v = k.rule.to_json();
+                        v["key"] = json!(k.matcher.to_string());
+                        v
+                    }).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            }),
+        }
+    }
+}
+
+impl Rule {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "id": self.id,
+            "limit": self.threshold.limit,
+            "unit": self.threshold.unit,
+            "burst": self.threshold.burst,
+        })
+    }
+}
+
+impl std::fmt::Display for KeyMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyMatcher::Exact(value) => f.write_str(value),
+            KeyMatcher::Regex(re) => write!(f, "regexp:{}", re.as_str()),
+            KeyMatcher::Any => f.write_str("*"),
+            KeyMatcher::Net(net) => write!(f, "{net}"),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub memory: MemorySettings,
     pub request: RequestBounds,
+    /// Redis connection (used by `backend: redis`).
+    pub redis: RedisSettings,
     /// How long in-flight requests may take to finish after SIGTERM before the server exits.
     pub shutdown_grace: String,
 }
@@ -43,6 +45,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             memory: MemorySettings::default(),
             request: RequestBounds::default(),
+            redis: RedisSettings::default(),
             shutdown_grace: "10s".into(),
         }
     }
@@ -103,6 +106,39 @@ impl Default for RequestBounds {
         }
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` (TLS), `redis-sentinel://` or a cluster node list.
+    pub url: String,
+    pub username: Option<String>,
+    /// Prefer `password_file` (or SLUICE_REDIS_PASSWORD) so the secret stays out of this file.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub database: u32,
+    pub pool_size: usize,
+    pub connect_timeout: String,
+    pub command_timeout: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            username: None,
+            password: None,
+            password_file: None,
+            database: 0,
+            pool_size: 4,
+            connect_timeout: "1s".into(),
+            command_timeout: "50ms".into(),
+        }
+    }
+}
+
+/// What `/config` and logs show of a secret.
+pub const REDACTED: &str = "<redacted>";
 
 /// A settings problem, rendered for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +234,8 @@ impl Settings {
         for (name, value) in [
             ("memory.sweep_interval", &self.memory.sweep_interval),
             ("shutdown_grace", &self.shutdown_grace),
+            ("redis.connect_timeout", &self.redis.connect_timeout),
+            ("redis.command_timeout", &self.redis.command_timeout),
         ] {
             parse_duration(name, value)?;
         }
@@ -209,6 +247,16 @@ impl Settings {
         Ok(())
     }
 
+    /// A copy safe to show: passwords replaced, including one inside the Redis URL.
+    pub fn redacted(&self) -> Settings {
+        let mut shown = self.clone();
+        if shown.redis.password.is_some() {
+            shown.redis.password = Some(REDACTED.into());
+        }
+        shown.redis.url = redact_url(&shown.redis.url);
+        shown
+    }
+
     pub fn sweep_interval(&self) -> Duration {
         parse_duration("memory.sweep_interval", &self.memory.sweep_interval)
             .unwrap_or(Duration::from_secs(10))
@@ -216,6 +264,23 @@ impl Settings {
 
     pub fn shutdown_grace(&self) -> Duration {
         parse_duration("shutdown_grace", &self.shutdown_grace).unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://user:<redacted>@host`, for every `@` form.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map(|(u, _)| u);
+            match user {
+                Some(user) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
     }
 }
 
@@ -295,6 +360,19 @@ mod tests {
         assert_eq!(s.log, "warn");
         assert_eq!(s.memory.max_entries, 7);
         assert_eq!(s.limits_dir, PathBuf::from("config/limits"));
+    }
+
+    #[test]
+    fn redaction_hides_passwords_in_fields_and_urls() {
+        let mut s = Settings::default();
+        s.redis.password = Some("hunter2".into());
+        s.redis.url = "redis://app:hunter2@10.0.0.1:6380/2".into();
+        let shown = serde_json::to_string(&s.redacted()).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://app:<redacted>@10.0.0.1:6380/2"),
+            "{shown}"
+        );
     }
 
     #[test]

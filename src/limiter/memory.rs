@@ -108,6 +108,15 @@ impl Store for MemoryStore {
     fn source(&self) -> &'static str {
         "memory"
     }
+
+    fn report(&self, metrics: &crate::metrics::Metrics) {
+        metrics
+            .gauge(crate::metrics::MEMORY_ENTRIES, &[])
+            .set(self.len() as f64);
+        metrics
+            .counter(crate::metrics::MEMORY_REJECTED, &[])
+            .absolute(self.rejected_inserts());
+    }
 }
 
 #[cfg(test)]

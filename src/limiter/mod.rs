@@ -112,6 +112,17 @@ pub enum StoreError {
     BadReply(String),
 }
 
+impl StoreError {
+    /// A fixed label for metrics.
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::BadReply(_) => "bad_reply",
+        }
+    }
+}
+
 pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
 /// A place where counters live. One call per request carries all of its counter updates, so a
@@ -123,4 +134,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Where answers come from, for `dynamic_metadata` (`memory`, `redis`, ...).
     fn source(&self) -> &'static str;
+
+    /// `Ok` when the store can answer now; the reason otherwise (for `/readyz`).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Publishes the store's own gauges (size, refusals) just before a scrape.
+    fn report(&self, _metrics: &crate::metrics::Metrics) {}
 }

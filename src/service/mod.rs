@@ -6,17 +6,21 @@
 //! in-flight requests, which finish on the set they started with.
 
 pub mod grpc;
+pub mod http;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use prost_types::{Struct, Value, value::Kind};
+use tracing::debug;
 
 use crate::clock::Clock;
 use crate::config::settings::RequestBounds;
 use crate::config::{LimitSet, Route};
 use crate::limiter::{CounterOp, HitMode, Outcome, Store, StoreError, Threshold, Unit};
 use crate::matcher::{self, Matched};
+use crate::metrics::{self as m, Decision, Metrics, RequestResult};
 use crate::proto::core::HeaderValue;
 use crate::proto::descriptor::RateLimitDescriptor;
 use crate::proto::rls::rate_limit_response::rate_limit::Unit as ProtoUnit;
@@ -39,6 +43,15 @@ pub struct RateLimiter {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     bounds: RequestBounds,
+    metrics: Arc<Metrics>,
+}
+
+/// A decision and what only the HTTP side needs beyond Envoy's response.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub response: RateLimitResponse,
+    /// The `rejected_code` of the route that rejected the request, when one did.
+    pub rejected_code: Option<u16>,
 }
 
 impl RateLimiter {
@@ -53,7 +66,26 @@ impl RateLimiter {
             store,
             clock,
             bounds,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Records into `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The limits currently served.
@@ -70,12 +102,41 @@ impl RateLimiter {
         &self,
         request: &RateLimitRequest,
     ) -> Result<RateLimitResponse, RequestError> {
-        validate(request, &self.bounds)?;
+        self.decide(request).await.map(|answer| answer.response)
+    }
+
+    /// The whole request path, with metrics: validate, match, count, respond.
+    pub async fn decide(&self, request: &RateLimitRequest) -> Result<Answer, RequestError> {
+        let started = Instant::now();
         let limits = self.limits.load_full();
+        // Label by the configured domain name only; anything else is `_unknown`.
+        let domain = limits.domain(&request.domain);
+        let domain_label = domain.map(|d| d.name.as_str()).unwrap_or(m::UNKNOWN_DOMAIN);
+        let result = self.decide_in(request, &limits).await;
+        let outcome = match &result {
+            Ok(a) if a.response.overall_code == Code::OverLimit as i32 => RequestResult::OverLimit,
+            Ok(_) => RequestResult::Ok,
+            Err(RequestError::Invalid(_)) => RequestResult::Invalid,
+            Err(RequestError::Store(_)) => RequestResult::Error,
+        };
+        self.metrics
+            .request(domain_label, outcome, started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn decide_in(
+        &self,
+        request: &RateLimitRequest,
+        limits: &LimitSet,
+    ) -> Result<Answer, RequestError> {
+        validate(request, &self.bounds)?;
         let Some(domain) = limits.domain(&request.domain) else {
             // Unknown domain: not an error (Envoy may send domains this replica does not
             // serve yet), OK with no limit for every descriptor.
-            return Ok(unlimited(request.descriptors.len()));
+            return Ok(Answer {
+                response: unlimited(request.descriptors.len()),
+                rejected_code: None,
+            });
         };
 
         let request_hits = if request.hits_addend == 0 {
@@ -103,14 +164,30 @@ impl RateLimiter {
                     },
                     outcome: Outcome::default(),
                 });
+            } else {
+                self.metrics.unmatched(&domain.name);
             }
             matches.push(matched);
         }
         if !ops.is_empty() {
             let now = self.clock.now_ms();
-            self.store.apply(&mut ops, now).await?;
+            let store_started = Instant::now();
+            let applied = self.store.apply(&mut ops, now).await;
+            let kind = applied.as_ref().err().map(StoreError::kind);
+            self.metrics.store_call(
+                self.store.source(),
+                store_started.elapsed().as_secs_f64(),
+                kind,
+            );
+            applied?;
         }
-        Ok(respond(&matches, &ops, self.store.source()))
+        Ok(respond(
+            &domain.name,
+            &matches,
+            &ops,
+            self.store.source(),
+            &self.metrics,
+        ))
     }
 }
 
@@ -195,7 +272,13 @@ fn ok_without_limit() -> DescriptorStatus {
 
 /// Builds the response of DESIGN §4 from the matches (in descriptor order) and the store's
 /// outcomes (in the same order, for the matched ones only).
-fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> RateLimitResponse {
+fn respond(
+    domain: &str,
+    matches: &[Option<Matched<'_>>],
+    ops: &[CounterOp],
+    source: &str,
+    metrics: &Metrics,
+) -> Answer {
     let mut statuses = Vec::with_capacity(matches.len());
     let mut outcomes = ops.iter().map(|op| op.outcome);
     // The descriptor that decides the answer: the first one over the limit (not in shadow
@@ -214,6 +297,25 @@ fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> 
         let outcome = outcomes.next().unwrap_or_default();
         let shadow = m.route.is_some_and(|r| r.settings.shadow_mode.value);
         let over = outcome.over && !shadow;
+        let route_name = m.route.map(|r| r.name.as_str()).unwrap_or(m::NO_ROUTE);
+        let decision = match (outcome.over, shadow) {
+            (true, true) => Decision::Shadow,
+            (true, false) => Decision::OverLimit,
+            (false, _) if outcome.remaining.saturating_mul(5) <= m.threshold.limit => {
+                Decision::NearLimit
+            }
+            (false, _) => Decision::Ok,
+        };
+        metrics.decision(domain, route_name, m.rule, decision);
+        if outcome.over {
+            debug!(
+                domain,
+                route = route_name,
+                rule = m.rule,
+                shadow,
+                "over limit"
+            );
+        }
         if over && overall == Code::Ok {
             overall = Code::OverLimit;
             rejected = m.route;
@@ -271,13 +373,16 @@ fn respond(matches: &[Option<Matched<'_>>], ops: &[CounterOp], source: &str) -> 
             ("decision", decision),
         ])
     });
-    RateLimitResponse {
-        overall_code: overall as i32,
-        statuses,
-        response_headers_to_add,
-        request_headers_to_add: Vec::new(),
-        raw_body,
-        dynamic_metadata,
+    Answer {
+        response: RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            response_headers_to_add,
+            request_headers_to_add: Vec::new(),
+            raw_body,
+            dynamic_metadata,
+        },
+        rejected_code: rejected.map(|r| r.settings.rejected_code.value),
     }
 }
 

@@ -1,0 +1,271 @@
+//! Prometheus metrics (DESIGN §6): one [`Metrics`] per server, so two servers in one test
+//! process never share counts.
+//!
+//! Labels come from configuration names only (domain, route, rule) or from fixed sets
+//! (result, decision, store, kind), never from request values: an unknown domain is counted
+//! under `_unknown`, so cardinality is bounded by the config, not by traffic.
+
+use metrics::{Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Domain label for requests whose domain is not configured (or that were invalid).
+pub const UNKNOWN_DOMAIN: &str = "_unknown";
+/// Route label for a request-side override that matched no configured route.
+pub const NO_ROUTE: &str = "_none";
+
+pub const REQUESTS: &str = "sluice_requests_total";
+pub const DECISIONS: &str = "sluice_decisions_total";
+pub const UNMATCHED: &str = "sluice_descriptors_unmatched_total";
+pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+pub const STORE_DURATION: &str = "sluice_store_duration_seconds";
+pub const STORE_ERRORS: &str = "sluice_store_errors_total";
+pub const FALLBACK_ACTIVE: &str = "sluice_fallback_active";
+pub const BREAKER_TRANSITIONS: &str = "sluice_breaker_transitions_total";
+pub const OVER_LIMIT_CACHE_ENTRIES: &str = "sluice_over_limit_cache_entries";
+pub const OVER_LIMIT_CACHE_HITS: &str = "sluice_over_limit_cache_hits_total";
+pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
+pub const CONFIG_LOADED_AT: &str = "sluice_config_last_load_timestamp_seconds";
+pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
+pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
+
+/// Histogram buckets (seconds) that resolve sub-millisecond answers: 25 µs to 1 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0,
+];
+
+/// The overall result of one request, for `sluice_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestResult {
+    Ok,
+    OverLimit,
+    Invalid,
+    Error,
+}
+
+impl RequestResult {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RequestResult::Ok => "ok",
+            RequestResult::OverLimit => "over_limit",
+            RequestResult::Invalid => "invalid",
+            RequestResult::Error => "error",
+        }
+    }
+}
+
+/// What happened to one descriptor, for `sluice_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Ok,
+    /// Admitted, with at most a fifth of the limit left (as envoyproxy/ratelimit's 80%).
+    NearLimit,
+    OverLimit,
+    /// Over, but the route is in shadow mode, so answered OK.
+    Shadow,
+}
+
+impl Decision {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Decision::Ok => "ok",
+            Decision::NearLimit => "near_limit",
+            Decision::OverLimit => "over_limit",
+            Decision::Shadow => "shadow",
+        }
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let process = metrics_process::Collector::default();
+        let metrics = Self {
+            recorder,
+            handle,
+            process,
+        };
+        metrics.describe();
+        metrics
+    }
+
+    fn describe(&self) {
+        let r = &self.recorder;
+        let counters = [
+            (
+                REQUESTS,
+                "ShouldRateLimit requests by domain and result (ok, over_limit, invalid, error)",
+            ),
+            (
+                DECISIONS,
+                "Descriptor decisions by domain, route, rule and decision (ok, near_limit, over_limit, shadow)",
+            ),
+            (UNMATCHED, "Descriptors that matched no rule, by domain"),
+            (STORE_ERRORS, "Counter store errors by store and kind"),
+            (
+                BREAKER_TRANSITIONS,
+                "Circuit breaker transitions by target state",
+            ),
+            (
+                OVER_LIMIT_CACHE_HITS,
+                "Requests answered from the over-limit cache",
+            ),
+            (
+                CONFIG_RELOADS,
+                "Limits loads by result (success, failure); the initial load counts",
+            ),
+            (
+                MEMORY_REJECTED,
+                "New counters not stored because the memory store was full",
+            ),
+        ];
+        for (name, help) in counters {
+            r.describe_counter(name.into(), None, help.into());
+        }
+        let gauges = [
+            (
+                FALLBACK_ACTIVE,
+                "1 while the fallback answers instead of the store",
+            ),
+            (
+                OVER_LIMIT_CACHE_ENTRIES,
+                "Counters remembered as over their limit",
+            ),
+            (
+                CONFIG_LOADED_AT,
+                "Unix time of the last successful limits load",
+            ),
+            (MEMORY_ENTRIES, "Counters held by the memory store"),
+        ];
+        for (name, help) in gauges {
+            r.describe_gauge(name.into(), None, help.into());
+        }
+        r.describe_histogram(
+            REQUEST_DURATION.into(),
+            Some(Unit::Seconds),
+            "ShouldRateLimit latency".into(),
+        );
+        r.describe_histogram(
+            STORE_DURATION.into(),
+            Some(Unit::Seconds),
+            "Counter store batch latency".into(),
+        );
+        metrics::with_local_recorder(r, || self.process.describe());
+    }
+
+    /// Registers the label-less and fixed-label series at zero, so dashboards and alerts see
+    /// them before the first event.
+    pub fn init_series(&self, store: &'static str) {
+        self.gauge(FALLBACK_ACTIVE, &[]).set(0.0);
+        self.gauge(OVER_LIMIT_CACHE_ENTRIES, &[]).set(0.0);
+        self.counter(OVER_LIMIT_CACHE_HITS, &[]).absolute(0);
+        for to in ["open", "half_open", "closed"] {
+            self.counter(BREAKER_TRANSITIONS, &[("to", to)]).absolute(0);
+        }
+        for result in ["success", "failure"] {
+            self.counter(CONFIG_RELOADS, &[("result", result)])
+                .absolute(0);
+        }
+        for kind in ["timeout", "unavailable", "bad_reply"] {
+            self.counter(STORE_ERRORS, &[("store", store), ("kind", kind)])
+                .absolute(0);
+        }
+        let _ = self.histogram(STORE_DURATION, &[("store", store)]);
+        let _ = self.histogram(REQUEST_DURATION, &[]);
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, (*v).to_string()))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> metrics::Counter {
+        self.recorder
+            .register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> metrics::Gauge {
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn request(&self, domain: &str, result: RequestResult, seconds: f64) {
+        self.counter(REQUESTS, &[("domain", domain), ("result", result.as_str())])
+            .increment(1);
+        self.histogram(REQUEST_DURATION, &[]).record(seconds);
+    }
+
+    pub fn decision(&self, domain: &str, route: &str, rule: &str, decision: Decision) {
+        self.counter(
+            DECISIONS,
+            &[
+                ("domain", domain),
+                ("route", route),
+                ("rule", rule),
+                ("decision", decision.as_str()),
+            ],
+        )
+        .increment(1);
+    }
+
+    pub fn unmatched(&self, domain: &str) {
+        self.counter(UNMATCHED, &[("domain", domain)]).increment(1);
+    }
+
+    pub fn store_call(&self, store: &'static str, seconds: f64, error: Option<&'static str>) {
+        self.histogram(STORE_DURATION, &[("store", store)])
+            .record(seconds);
+        if let Some(kind) = error {
+            self.counter(STORE_ERRORS, &[("store", store), ("kind", kind)])
+                .increment(1);
+        }
+    }
+
+    pub fn config_loaded(&self, success: bool, unix_seconds: f64) {
+        let result = if success { "success" } else { "failure" };
+        self.counter(CONFIG_RELOADS, &[("result", result)])
+            .increment(1);
+        if success {
+            self.gauge(CONFIG_LOADED_AT, &[]).set(unix_seconds);
+        }
+    }
+
+    /// The Prometheus text exposition, with process metrics collected now.
+    pub fn render(&self) -> String {
+        metrics::with_local_recorder(&self.recorder, || self.process.collect());
+        self.handle.render()
+    }
+}
