@@ -114,7 +114,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
                 if let Some(first) = set.domains.get(&domain.name) {
                     errors.push(ConfigError {
                         file: file.clone(),
-                        line: None,
+                        line: find_key_line(&text, "domain", None, None),
                         route: None,
                         field: "domain".into(),
                         message: format!(
@@ -168,22 +168,83 @@ fn file_error(file: &Path, message: String) -> ConfigError {
     }
 }
 
-/// Parses and validates one native limits file.
+/// Parses and validates one native limits file, reporting every problem it can find: unknown
+/// fields do not stop the parse (they are collected with their path), so a typo never hides
+/// the file's other errors.
 pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
-    let raw: LimitsFile = match serde_saphyr::from_str(text) {
+    let mut unknown = Vec::new();
+    let parsed: Result<LimitsFile, _> = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+    });
+    let raw = match parsed {
         Ok(raw) => raw,
         Err(e) => return Err(vec![parse_error(file, text, &e)]),
     };
+    let route_ends = (0..raw.routes.len())
+        .map(|i| raw.routes.get(i + 1).map(|r| r.referenced.line()))
+        .collect();
     let mut cx = FileContext {
         file,
+        text,
         errors: Vec::new(),
+        route_ends,
     };
+    for path in &unknown {
+        cx.unknown_field(&raw, path);
+    }
     let domain = cx.resolve(raw);
     if cx.errors.is_empty() {
         domain.ok_or_else(Vec::new)
     } else {
         Err(cx.errors)
     }
+}
+
+/// The last plain key of a field path (`rule_items[0].limit_keys` -> `limit_keys`), or `None`
+/// when the path ends at an index.
+fn last_key(field: &str) -> Option<&str> {
+    let last = field.rsplit('.').next()?;
+    (!last.is_empty() && !last.ends_with(']')).then_some(last)
+}
+
+/// The first line in `[from, end)` (1-based; the whole file when `from` is `None`, then only
+/// at the top level) where `key:` is written, in block or flow style.
+pub(crate) fn find_key_line(
+    text: &str,
+    key: &str,
+    from: Option<u64>,
+    end: Option<u64>,
+) -> Option<u64> {
+    let start = from.unwrap_or(1).max(1);
+    for (n, line) in text.lines().enumerate() {
+        let n = n as u64 + 1;
+        if n < start {
+            continue;
+        }
+        if end.is_some_and(|end| n >= end) {
+            break;
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        if from.is_none() && code.starts_with([' ', '\t', '-']) {
+            continue;
+        }
+        let mut search = 0;
+        while let Some(pos) = code[search..].find(key) {
+            let at = search + pos;
+            let before_ok = code[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| matches!(c, ' ' | '\t' | '{' | ',' | '-' | '"' | '\''));
+            let after = code[at + key.len()..]
+                .trim_start_matches(['"', '\''])
+                .trim_start();
+            if before_ok && after.starts_with(':') {
+                return Some(n);
+            }
+            search = at + key.len();
+        }
+    }
+    None
 }
 
 /// Turns a YAML/serde error into a [`ConfigError`], finding the route it is in through a
@@ -211,6 +272,21 @@ fn parse_error(file: &Path, text: &str, err: &serde_saphyr::Error) -> ConfigErro
         field = name.to_string();
         message.push_str(" (remove it or correct its spelling)");
     }
+    if field.is_empty()
+        && let Some(n) = line
+        && let Some(text_line) = text.lines().nth(n.saturating_sub(1) as usize)
+    {
+        let key = text_line
+            .trim()
+            .trim_start_matches("- ")
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            field = key.to_string();
+        }
+    }
     let route = line.and_then(|line| {
         let names: RouteNames = serde_saphyr::from_str(text).ok()?;
         names
@@ -231,14 +307,20 @@ fn parse_error(file: &Path, text: &str, err: &serde_saphyr::Error) -> ConfigErro
 
 struct FileContext<'a> {
     file: &'a Path,
+    text: &'a str,
     errors: Vec<ConfigError>,
+    /// First line after each route (the next route's first line), by route index.
+    route_ends: Vec<Option<u64>>,
 }
 
-/// Where a value being validated sits, for error messages.
+/// Where a value being validated sits, for error messages: its route, and the lines its
+/// YAML node spans (`end` exclusive; `None` is the end of the file). An error about a field
+/// points at the line within that span where the field is written.
 #[derive(Clone, Copy)]
 struct At<'a> {
     route: Option<&'a str>,
     line: Option<u64>,
+    end: Option<u64>,
 }
 
 /// Resolution state of one route while walking parents.
@@ -257,19 +339,105 @@ struct ResolvedRoute {
 
 impl<'a> FileContext<'a> {
     fn error(&mut self, at: At<'_>, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        let line = last_key(&field)
+            .and_then(|key| find_key_line(self.text, key, at.line, at.end))
+            .or(at.line);
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
-            line: at.line,
+            line,
             route: at.route.map(str::to_string),
-            field: field.into(),
+            field,
             message: message.into(),
         });
+    }
+
+    /// The span of route `i`.
+    fn route_at<'n>(
+        &self,
+        i: usize,
+        routes: &[Spanned<RouteRaw>],
+        name: Option<&'n str>,
+    ) -> At<'n> {
+        At {
+            route: name,
+            line: routes.get(i).map(|r| r.referenced.line()),
+            end: self.route_ends.get(i).copied().flatten(),
+        }
+    }
+
+    /// Reports a field serde did not know (a typo), with its path inside the route.
+    fn unknown_field(&mut self, raw: &LimitsFile, path: &str) {
+        let segments: Vec<&str> = path
+            .split('.')
+            .filter(|s| *s != "?" && *s != "value")
+            .collect();
+        if segments
+            .last()
+            .is_some_and(|s| s.starts_with("__serde_saphyr"))
+        {
+            return;
+        }
+        let mut at = At {
+            route: None,
+            line: None,
+            end: None,
+        };
+        let mut field = String::new();
+        let mut rest = segments.as_slice();
+        if let ["routes", index, tail @ ..] = rest
+            && let Ok(i) = index.parse::<usize>()
+            && let Some(route) = raw.routes.get(i)
+        {
+            at = self.route_at(i, &raw.routes, route.value.name.as_deref());
+            rest = tail;
+            if let ["rule_items", index, tail @ ..] = rest
+                && let Ok(j) = index.parse::<usize>()
+                && let Some(items) = &route.value.rule_items
+                && let Some(item) = items.get(j)
+            {
+                at.line = Some(item.referenced.line());
+                at.end = items.get(j + 1).map(|n| n.referenced.line()).or(at.end);
+                field = format!("rule_items[{j}]");
+                rest = tail;
+                if let ["limit_keys", index, tail @ ..] = rest
+                    && let Ok(k) = index.parse::<usize>()
+                    && let Some(keys) = &item.value.limit_keys
+                    && let Some(key) = keys.get(k)
+                {
+                    at.line = Some(key.referenced.line());
+                    at.end = keys.get(k + 1).map(|n| n.referenced.line()).or(at.end);
+                    field.push_str(&format!(".limit_keys[{k}]"));
+                    rest = tail;
+                }
+            }
+        } else if let ["defaults", ..] = rest {
+            at.line = find_key_line(self.text, "defaults", None, None);
+            at.end = raw.routes.first().map(|r| r.referenced.line());
+        }
+        for segment in rest {
+            if segment.parse::<usize>().is_ok() {
+                field.push_str(&format!("[{segment}]"));
+            } else {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(segment);
+            }
+        }
+        let name = rest.last().copied().unwrap_or("");
+        self.error(
+            at,
+            field,
+            format!("unknown field `{name}`: remove it or correct its spelling"),
+        );
     }
 
     fn resolve(&mut self, raw: LimitsFile) -> Option<Domain> {
         let top = At {
             route: None,
             line: None,
+            end: None,
         };
         let name = match raw.domain.as_deref().map(str::trim) {
             Some(name) if !name.is_empty() => name.to_string(),
@@ -290,15 +458,18 @@ impl<'a> FileContext<'a> {
                 "must not be empty (the default is `route`)",
             );
         }
-        let defaults = self.settings_layer(&raw.defaults, "defaults", None, top, "defaults.");
+        let defaults_at = At {
+            route: None,
+            line: find_key_line(self.text, "defaults", None, None),
+            end: raw.routes.first().map(|r| r.referenced.line()),
+        };
+        let defaults =
+            self.settings_layer(&raw.defaults, "defaults", None, defaults_at, "defaults.");
 
         // Index routes by name; duplicates and nameless routes are reported here.
         let mut index: HashMap<String, usize> = HashMap::new();
         for (i, route) in raw.routes.iter().enumerate() {
-            let at = At {
-                route: route.value.name.as_deref(),
-                line: Some(route.referenced.line()),
-            };
+            let at = self.route_at(i, &raw.routes, route.value.name.as_deref());
             match route.value.name.as_deref() {
                 None | Some("") => self.error(
                     At { route: None, ..at },
@@ -337,10 +508,7 @@ impl<'a> FileContext<'a> {
                 &mut visits,
                 &mut Vec::new(),
             );
-            let at = At {
-                route: Some(name),
-                line: Some(route.referenced.line()),
-            };
+            let at = self.route_at(i, &raw.routes, Some(name));
             let Some(resolved) = resolved else { continue };
             let Some((limits, limits_from)) = resolved.limits.clone() else {
                 self.error(
@@ -391,10 +559,7 @@ impl<'a> FileContext<'a> {
                 chain.push(name.clone());
                 let start = chain.iter().position(|n| *n == name).unwrap_or(0);
                 let cycle = chain[start..].join(" -> ");
-                let at = At {
-                    route: Some(&name),
-                    line: Some(route.referenced.line()),
-                };
+                let at = self.route_at(i, routes, Some(&name));
                 self.error(
                     at,
                     "parent",
@@ -408,10 +573,7 @@ impl<'a> FileContext<'a> {
         }
         visits[i] = Visit::InProgress;
         chain.push(name.clone());
-        let at = At {
-            route: Some(&name),
-            line: Some(route.referenced.line()),
-        };
+        let at = self.route_at(i, routes, Some(&name));
 
         let parent = match route.value.parent.as_deref() {
             None => Ok(None),
@@ -580,6 +742,7 @@ impl<'a> FileContext<'a> {
                     .filter_map(|(i, item)| {
                         let at = At {
                             line: Some(item.referenced.line()),
+                            end: items.get(i + 1).map(|n| n.referenced.line()).or(at.end),
                             ..at
                         };
                         self.rule_item(&item.value, at, &format!("rule_items[{i}]"))
@@ -760,10 +923,14 @@ impl<'a> FileContext<'a> {
         for (i, key) in raw_keys.iter().enumerate() {
             let at = At {
                 line: Some(key.referenced.line()),
+                end: raw_keys.get(i + 1).map(|n| n.referenced.line()).or(at.end),
                 ..at
             };
             let key_field = format!("{keys_field}[{i}]");
-            if let Some(rule) = self.key_rule(&key.value, kind, &entry, at, &key_field) {
+            let item_name = raw.name.as_deref().filter(|n| !n.is_empty());
+            let shared_name = item_name.map(|n| (n, raw_keys.len() > 1));
+            if let Some(rule) = self.key_rule(&key.value, kind, &entry, shared_name, at, &key_field)
+            {
                 keys.push(rule);
             }
         }
@@ -775,6 +942,7 @@ impl<'a> FileContext<'a> {
         raw: &LimitKeyRaw,
         kind: LimitBy,
         entry: &str,
+        item_name: Option<(&str, bool)>,
         at: At<'_>,
         field: &str,
     ) -> Option<KeyRule> {
@@ -852,9 +1020,18 @@ impl<'a> FileContext<'a> {
         };
         let threshold = self.threshold(&raw.threshold(), at, field)?;
         let period = threshold.period_ms();
-        let (id, name) = match raw.name.as_deref() {
-            Some(name) if !name.is_empty() => (rule_id(&["name", name], period), name.to_string()),
-            _ => (
+        // Identity: the key's own name, else its item's name and the key, else its content.
+        let (id, name) = match (raw.name.as_deref().filter(|n| !n.is_empty()), item_name) {
+            (Some(name), _) => (rule_id(&["name", name], period), name.to_string()),
+            (None, Some((item, several_keys))) => (
+                rule_id(&["item", item, key], period),
+                if several_keys {
+                    format!("{item}:{key}")
+                } else {
+                    item.to_string()
+                },
+            ),
+            (None, None) => (
                 rule_id(&[kind.field(), entry, key], period),
                 format!(
                     "{}:{entry}={key}",
@@ -885,16 +1062,24 @@ impl<'a> FileContext<'a> {
                 ),
             );
         }
-        let has_burst = match limits {
-            RouteLimits::Global(rule) => rule.threshold.burst.is_some(),
-            RouteLimits::Items(items) => items
-                .iter()
-                .any(|i| i.keys.iter().any(|k| k.rule.threshold.burst.is_some())),
+        let burst_field = match limits {
+            RouteLimits::Global(rule) => rule
+                .threshold
+                .burst
+                .map(|_| "global_threshold.burst".to_string()),
+            RouteLimits::Items(items) => items.iter().enumerate().find_map(|(i, item)| {
+                item.keys
+                    .iter()
+                    .position(|k| k.rule.threshold.burst.is_some())
+                    .map(|k| format!("rule_items[{i}].limit_keys[{k}].burst"))
+            }),
         };
-        if has_burst && algorithm != Algorithm::TokenBucket {
+        if let Some(field) = burst_field
+            && algorithm != Algorithm::TokenBucket
+        {
             self.error(
                 at,
-                "burst",
+                field,
                 format!(
                     "burst applies to algorithm token_bucket only, and this route counts with {}; \
                      remove burst or set `algorithm: token_bucket`",

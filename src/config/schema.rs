@@ -1,7 +1,8 @@
 //! The native limits file as written by people: serde types that mirror the YAML one to one.
 //!
-//! Every struct denies unknown fields, so a typo (`rejeted_msg`) is a load error rather than a
-//! silently ignored setting. Optional everywhere: what is required, and what may not be
+//! Unknown fields are not silently ignored: [`super::load`] parses through `serde_ignored`
+//! and reports each with its path, so a typo (`rejeted_msg`) is a load error that does not
+//! hide the file's other errors. Optional everywhere: what is required, and what may not be
 //! combined, is decided in [`super::load`], which can then name the route and the fix instead
 //! of serde's generic "missing field".
 
@@ -11,7 +12,6 @@ use serde_saphyr::Spanned;
 use crate::limiter::Algorithm;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     pub domain: Option<String>,
     pub route_key: Option<String>,
@@ -24,7 +24,6 @@ pub struct LimitsFile {
 
 /// The settings a route inherits: from `defaults`, from its parent, or set on itself.
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SettingsRaw {
     pub algorithm: Option<Algorithm>,
     pub show_limit_quota_header: Option<bool>,
@@ -34,10 +33,9 @@ pub struct SettingsRaw {
     pub timeout: Option<String>,
 }
 
-/// A route. The settings fields repeat [`SettingsRaw`] because serde cannot combine
-/// `flatten` with `deny_unknown_fields`; [`RouteRaw::settings`] gathers them.
+/// A route. The settings fields repeat [`SettingsRaw`] rather than `flatten` it, because
+/// `flatten` hides unknown fields from `serde_ignored`; [`RouteRaw::settings`] gathers them.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RouteRaw {
     pub name: Option<String>,
     pub parent: Option<String>,
@@ -66,7 +64,6 @@ impl RouteRaw {
 
 /// Exactly one `query_per_*` must be set; `burst` only for `token_bucket`.
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ThresholdRaw {
     pub query_per_second: Option<u64>,
     pub query_per_minute: Option<u64>,
@@ -76,7 +73,6 @@ pub struct ThresholdRaw {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RuleItemRaw {
     /// Optional stable name; when set it is the rule's identity (see DESIGN §2).
     pub name: Option<String>,
@@ -95,7 +91,6 @@ pub struct RuleItemRaw {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LimitKeyRaw {
     pub key: Option<String>,
     pub name: Option<String>,
