@@ -1,5 +1,5 @@
-//! Wiring: builds the store, the limiter and the gRPC server from [`Settings`], and runs
-//! them until a shutdown signal.
+//! Wiring: builds the store, the limiter, the gRPC and the HTTP servers from [`Settings`],
+//! and runs them until a shutdown signal.
 //!
 //! Tests use [`start`] directly with their own clock and port 0; `sluice serve` uses [`run`],
 //! which adds signal handling and the shutdown grace period. Nothing here decides a request.
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
@@ -17,11 +17,14 @@ use tracing::{info, warn};
 use crate::clock::{Clock, SystemClock};
 use crate::config::settings::{Backend, LogFormat};
 use crate::config::{ConfigErrors, Settings, load_dir};
+use crate::limiter::Store;
 use crate::limiter::memory::MemoryStore;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
 use crate::service::RateLimiter;
 use crate::service::grpc::GrpcService;
+use crate::service::http::{self, HttpState, JsonCodec, Readiness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -38,42 +41,67 @@ pub enum ServeError {
     },
     #[error("backend {0:?} is not available in this version of sluice; use `memory`")]
     Backend(Backend),
-    #[error("gRPC server: {0}")]
-    Transport(String),
+    #[error("server setup: {0}")]
+    Setup(String),
 }
 
 /// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub limiter: Arc<RateLimiter>,
-    stop: Option<oneshot::Sender<()>>,
+    pub readiness: Arc<Readiness>,
+    stop: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
 }
 
 impl ServerHandle {
     /// Stops accepting, lets in-flight requests finish (up to `grace`), then returns.
+    /// `/readyz` answers 503 from the first moment, so balancers stop sending.
     pub async fn shutdown(mut self, grace: Duration) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.readiness.drain();
+        let _ = self.stop.send(true);
         self.sweeper.abort();
-        match tokio::time::timeout(grace, &mut self.grpc).await {
-            Ok(Ok(Ok(()))) => info!("gRPC server stopped"),
-            Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server stopped with an error"),
-            Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+        let both = async {
+            let grpc = (&mut self.grpc).await;
+            let http = (&mut self.http).await;
+            (grpc, http)
+        };
+        match tokio::time::timeout(grace, both).await {
+            Ok((grpc, http)) => {
+                if let Ok(Err(e)) = grpc {
+                    warn!(error = %e, "gRPC server stopped with an error");
+                }
+                if let Ok(Err(e)) = http {
+                    warn!(error = %e, "HTTP server stopped with an error");
+                }
+                info!("servers stopped");
+            }
             Err(_) => {
                 warn!(
                     ?grace,
                     "in-flight requests did not finish within the grace period"
                 );
                 self.grpc.abort();
+                self.http.abort();
             }
         }
     }
 }
 
-/// Loads the limits, binds the gRPC address and starts serving in the background.
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// Loads the limits, binds both addresses and starts serving in the background.
 pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServeError> {
     if settings.backend != Backend::Memory {
         return Err(ServeError::Backend(settings.backend));
@@ -83,18 +111,29 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             settings.limits_dir.display().to_string(),
         ));
     }
-    let limits = load_dir(&settings.limits_dir)?;
-    for domain in limits.domains.values() {
-        info!(domain = %domain.name, file = %domain.file.display(), routes = domain.routes.len(), "limits loaded");
-    }
+    let metrics = Arc::new(Metrics::new());
+    let mut limits = match load_dir(&settings.limits_dir) {
+        Ok(limits) => limits,
+        Err(e) => {
+            metrics.config_loaded(false, 0.0);
+            return Err(e.into());
+        }
+    };
+    limits.loaded_at_ms = clock.now_ms();
+    metrics.config_loaded(true, limits.loaded_at_ms as f64 / 1000.0);
+    log_loaded(&limits);
 
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
-    let limiter = Arc::new(RateLimiter::new(
-        limits,
-        memory.clone(),
-        clock.clone(),
-        settings.request.clone(),
-    ));
+    metrics.init_series(memory.source());
+    let limiter = Arc::new(
+        RateLimiter::new(
+            limits,
+            memory.clone(),
+            clock.clone(),
+            settings.request.clone(),
+        )
+        .with_metrics(metrics),
+    );
 
     let sweep_every = settings.sweep_interval();
     let sweeper = tokio::spawn(async move {
@@ -105,16 +144,8 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         }
     });
 
-    let listener = TcpListener::bind(&settings.grpc_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: settings.grpc_addr.clone(),
-            source,
-        })?;
-    let grpc_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: settings.grpc_addr.clone(),
-        source,
-    })?;
+    let (grpc_listener, grpc_addr) = bind(&settings.grpc_addr).await?;
+    let (http_listener, http_addr) = bind(&settings.http_addr).await?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -124,28 +155,72 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
     let rls = RateLimitServiceServer::new(GrpcService::new(limiter.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
-    let (stop, stopped) = oneshot::channel::<()>();
+    let (stop, stopped) = watch::channel(false);
+    let stop_signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection)
             .add_service(rls)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc_listener),
+                stop_signal(stopped.clone()),
+            ),
     );
-    info!(%grpc_addr, "serving Envoy RLS v3");
+
+    let readiness = Arc::new(Readiness::default());
+    let codec = JsonCodec::new().map_err(ServeError::Setup)?;
+    let router = http::router(HttpState {
+        limiter: limiter.clone(),
+        settings: Arc::new(settings.redacted()),
+        readiness: readiness.clone(),
+        codec: Arc::new(codec),
+    });
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(stop_signal(stopped))
+            .await
+    });
+    info!(%grpc_addr, %http_addr, "serving Envoy RLS v3 on gRPC; metrics and API on HTTP");
     Ok(ServerHandle {
         grpc_addr,
+        http_addr,
         limiter,
-        stop: Some(stop),
+        readiness,
+        stop,
         grpc,
+        http,
         sweeper,
     })
+}
+
+/// One info line per load; at debug, every route's effective settings with where each came
+/// from (the same view as `GET /config`).
+fn log_loaded(limits: &crate::config::LimitSet) {
+    let routes: usize = limits.domains.values().map(|d| d.routes.len()).sum();
+    info!(
+        domains = limits.domains.len(),
+        routes,
+        hash = %limits.content_hash,
+        "limits loaded"
+    );
+    for domain in limits.domains.values() {
+        for route in domain.routes.values() {
+            tracing::debug!(
+                domain = %domain.name,
+                route = %route.name,
+                limits_from = %route.limits_from,
+                settings = %serde_json::to_string(&route.settings).unwrap_or_default(),
+                "effective route"
+            );
+        }
+    }
 }
 
 /// `sluice serve`: starts, then waits for SIGINT or SIGTERM and shuts down gracefully.
