@@ -19,6 +19,7 @@ use crate::config::settings::{Backend, LogFormat};
 use crate::config::{ConfigErrors, Settings, load_dir};
 use crate::limiter::Store;
 use crate::limiter::memory::MemoryStore;
+use crate::limiter::redis::RedisStore;
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
@@ -39,8 +40,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("backend {0:?} is not available in this version of sluice; use `memory`")]
-    Backend(Backend),
+    #[error("redis backend: {0}")]
+    Redis(#[from] crate::limiter::redis::RedisSetupError),
     #[error("server setup: {0}")]
     Setup(String),
 }
@@ -103,9 +104,6 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
 
 /// Loads the limits, binds both addresses and starts serving in the background.
 pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServeError> {
-    if settings.backend != Backend::Memory {
-        return Err(ServeError::Backend(settings.backend));
-    }
     if !settings.limits_dir.is_dir() {
         return Err(ServeError::NoLimitsDir(
             settings.limits_dir.display().to_string(),
@@ -123,16 +121,16 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     metrics.config_loaded(true, limits.loaded_at_ms as f64 / 1000.0);
     log_loaded(&limits);
 
+    // The memory store always exists: it is the backend, or (later) the local fallback.
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
-    metrics.init_series(memory.source());
+    let store: Arc<dyn Store> = match settings.backend {
+        Backend::Memory => memory.clone(),
+        Backend::Redis => Arc::new(RedisStore::connect(&settings.redis).await?),
+    };
+    metrics.init_series(store.source());
     let limiter = Arc::new(
-        RateLimiter::new(
-            limits,
-            memory.clone(),
-            clock.clone(),
-            settings.request.clone(),
-        )
-        .with_metrics(metrics),
+        RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
+            .with_metrics(metrics),
     );
 
     let sweep_every = settings.sweep_interval();

@@ -7,6 +7,7 @@
 
 pub mod algorithm;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,286 @@
+//! The Redis store: counters shared by every replica, updated by atomic Lua scripts.
+//!
+//! Knows Redis (connection, keys, scripts, replies) and nothing about descriptors. Each
+//! algorithm's script is the twin of its pure function in [`super::algorithm`] and receives
+//! `now` from the caller, so memory and Redis give identical answers for identical inputs.
+//!
+//! One request is one round trip: all of its counter updates are queued on a fred pipeline
+//! and sent together (on a cluster, fred splits the pipeline by node). Scripts are called by
+//! EVALSHA; a NOSCRIPT reply (Redis restarted or failed over and lost its script cache)
+//! loads them again and retries the batch once, so no request fails for it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use fred::interfaces::LuaInterface;
+use fred::prelude::*;
+use fred::types::Value;
+use fred::types::{ClusterHash, CustomCommand};
+use tracing::{info, warn};
+
+use super::{Algorithm, CounterOp, HitMode, Outcome, Store, StoreError, StoreFuture};
+use crate::config::settings::RedisSettings;
+
+const FIXED_WINDOW_LUA: &str = include_str!("lua/fixed_window.lua");
+
+/// Why the Redis store could not be set up. Never contains the password.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error(
+        "redis.url is not a Redis URL ({0}): write e.g. redis://host:6379, rediss://host:6380, redis-sentinel://host:26379?sentinelServiceName=mymaster or redis-cluster://host:7000?node=host:7001"
+    )]
+    Url(String),
+    #[error("cannot read redis.password_file {path}: {source}")]
+    PasswordFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "Redis refused the credentials ({0}): check redis.username and redis.password (or SLUICE_REDIS_PASSWORD / redis.password_file)"
+    )]
+    Auth(String),
+    #[error("Redis client: {0}")]
+    Client(String),
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    /// SHA1 of the fixed window script, for EVALSHA.
+    fixed_window_sha: String,
+    /// Where it connects, without credentials, for messages.
+    target: String,
+}
+
+/// Removes anything secret from a fred error before it reaches a log or a client.
+fn describe(err: &Error, password: Option<&str>) -> String {
+    let text = err.to_string();
+    match password {
+        Some(p) if !p.is_empty() => text.replace(p, crate::config::settings::REDACTED),
+        _ => text,
+    }
+}
+
+impl RedisStore {
+    /// Builds the client and starts connecting. An unreachable Redis is not an error here:
+    /// the client keeps retrying with backoff while `/readyz` reports not ready. Refused
+    /// credentials are, since retrying cannot fix them.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, RedisSetupError> {
+        let mut config = Config::from_url(&settings.url).map_err(|e| {
+            RedisSetupError::Url(crate::config::settings::redact_url(&e.to_string()))
+        })?;
+        if let Some(user) = &settings.username {
+            config.username = Some(user.clone());
+        }
+        let password = match (&settings.password_file, &settings.password) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| RedisSetupError::PasswordFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        if password.is_some() {
+            config.password = password.clone();
+        }
+        if settings.database != 0 {
+            config.database = Some(settings.database as u8);
+        }
+        let connect_timeout = parse(&settings.connect_timeout, Duration::from_secs(1));
+        let command_timeout = parse(&settings.command_timeout, Duration::from_millis(50));
+        let target = crate::config::settings::redact_url(&settings.url);
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = connect_timeout;
+                // A request must not wait for a reconnect or retry: it fails fast and the
+                // caller's fallback answers.
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = command_timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(settings.pool_size.max(1))
+            .map_err(|e| RedisSetupError::Client(describe(&e, password.as_deref())))?;
+        let _connections = pool.connect_pool();
+        match tokio::time::timeout(connect_timeout * 2, pool.wait_for_connect()).await {
+            Ok(Ok(())) => info!(redis = %target, "connected to Redis"),
+            Ok(Err(e)) => {
+                let message = describe(&e, password.as_deref());
+                let upper = message.to_uppercase();
+                if upper.contains("WRONGPASS") || upper.contains("NOAUTH") || upper.contains("AUTH")
+                {
+                    let _ = pool.quit().await;
+                    return Err(RedisSetupError::Auth(message));
+                }
+                warn!(redis = %target, error = %message, "Redis unreachable; retrying in the background");
+            }
+            Err(_) => warn!(redis = %target, "Redis unreachable; retrying in the background"),
+        }
+        let store = Self {
+            pool,
+            fixed_window_sha: fred::util::sha1_hash(FIXED_WINDOW_LUA),
+            target,
+        };
+        // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
+        // there yet, the NOSCRIPT path loads them later.
+        if store.ready().is_ok()
+            && let Err(e) = store.load_scripts().await
+        {
+            warn!(redis = %store.target, error = %e, "cannot load scripts yet");
+        }
+        Ok(store)
+    }
+
+    /// The key of one window of a counter: `sluice:{<counter id>}:<window start>`. The
+    /// braces are the Cluster hash tag, so all windows of a counter share a slot.
+    pub fn key(counter: &str, window: u64) -> String {
+        let mut key = String::with_capacity(counter.len() + 32);
+        let _ = write!(key, "sluice:{{{counter}}}:{window}");
+        key
+    }
+
+    /// The client (for tests and tools that need to talk to the same Redis).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let client = self.pool.next();
+        client
+            .script_load_cluster::<Value, _>(FIXED_WINDOW_LUA)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(describe(&e, None)))
+    }
+
+    async fn run_batch(&self, ops: &[CounterOp], now: u64) -> Vec<Result<Value, Error>> {
+        let client = self.pool.next();
+        let pipeline = client.pipeline();
+        for op in ops {
+            let period = op.threshold.period_ms();
+            let window = now - now % period;
+            let args: Vec<i64> = vec![
+                to_i64(op.threshold.limit),
+                to_i64(period),
+                to_i64(now),
+                to_i64(op.hits),
+                i64::from(op.mode == HitMode::Give),
+            ];
+            // Only fixed_window is accepted by the config so far; every op uses its script.
+            debug_assert_eq!(op.algorithm, Algorithm::FixedWindow);
+            // fred's pipeline has no EVALSHA method, so it is sent as a custom command whose
+            // cluster slot is taken from its key (argument 2: sha, numkeys, key, ...).
+            let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+            let mut command: Vec<Value> = Vec::with_capacity(8);
+            command.push(Value::from(self.fixed_window_sha.as_str()));
+            command.push(Value::Integer(1));
+            command.push(Value::from(Self::key(&op.counter, window)));
+            command.extend(args.into_iter().map(Value::Integer));
+            let queued: Result<(), Error> = pipeline.custom(evalsha, command).await;
+            if let Err(e) = queued {
+                return vec![Err(e)];
+            }
+        }
+        pipeline.try_all::<Value>().await
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn parse(value: &str, default: Duration) -> Duration {
+    humantime::parse_duration(value).unwrap_or(default)
+}
+
+fn is_noscript(e: &Error) -> bool {
+    e.details().starts_with("NOSCRIPT") || e.to_string().contains("NOSCRIPT")
+}
+
+fn store_error(e: &Error) -> StoreError {
+    let message = describe(e, None);
+    if matches!(e.kind(), ErrorKind::Timeout) {
+        StoreError::Timeout
+    } else {
+        StoreError::Unavailable(message)
+    }
+}
+
+/// Reads a script's `{ over, remaining, reset_ms }` reply; anything else is a bad reply.
+fn outcome(value: Value) -> Result<Outcome, StoreError> {
+    let bad = |what: &str| {
+        StoreError::BadReply(format!("expected {{over, remaining, reset}}, got {what}"))
+    };
+    let Value::Array(items) = value else {
+        return Err(bad(&value.kind().to_string()));
+    };
+    let ints: Vec<i64> = items
+        .iter()
+        .map(|v| v.as_i64().ok_or_else(|| bad(&v.kind().to_string())))
+        .collect::<Result<_, _>>()?;
+    match ints.as_slice() {
+        [over, remaining, reset] => Ok(Outcome {
+            over: *over != 0,
+            remaining: u64::try_from(*remaining).unwrap_or(0),
+            reset_ms: u64::try_from(*reset).unwrap_or(0),
+        }),
+        _ => Err(bad(&format!("{} integers", ints.len()))),
+    }
+}
+
+impl Store for RedisStore {
+    fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
+        Box::pin(async move {
+            let mut replies = self.run_batch(ops, now).await;
+            if replies
+                .iter()
+                .any(|r| matches!(r, Err(e) if is_noscript(e)))
+            {
+                // The script cache was lost: load and retry once. The keys of the failed
+                // calls were not touched (NOSCRIPT happens before the script runs), and
+                // scripts that did run are idempotent only for zero hits, so retry just
+                // the failed ones.
+                self.load_scripts().await?;
+                let failed: Vec<usize> = replies
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| matches!(r, Err(e) if is_noscript(e)))
+                    .map(|(i, _)| i)
+                    .collect();
+                let retry_ops: Vec<CounterOp> = failed.iter().map(|&i| ops[i].clone()).collect();
+                let retried = self.run_batch(&retry_ops, now).await;
+                for (slot, reply) in failed.into_iter().zip(retried) {
+                    replies[slot] = reply;
+                }
+            }
+            if replies.len() != ops.len() {
+                return Err(match replies.into_iter().find_map(Result::err) {
+                    Some(e) => store_error(&e),
+                    None => StoreError::BadReply("reply count does not match the batch".into()),
+                });
+            }
+            for (op, reply) in ops.iter_mut().zip(replies) {
+                op.outcome = outcome(reply.map_err(|e| store_error(&e))?)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn source(&self) -> &'static str {
+        "redis"
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.pool.clients().iter().any(|c| c.is_connected()) {
+            Ok(())
+        } else {
+            Err(format!("not connected to {}", self.target))
+        }
+    }
+}
