@@ -18,6 +18,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::settings::{Backend, LogFormat};
 use crate::config::{ConfigErrors, Settings, load_dir};
 use crate::limiter::Store;
+use crate::limiter::cache::OverLimitCache;
+use crate::limiter::fallback::{Fallback, FallbackStore};
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::RedisStore;
 use crate::metrics::Metrics;
@@ -123,9 +125,22 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 
     // The memory store always exists: it is the backend, or (later) the local fallback.
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
+    // Redis is wrapped as DESIGN §1 draws it: over-limit cache -> fallback -> Redis.
+    let mut cache = None;
     let store: Arc<dyn Store> = match settings.backend {
         Backend::Memory => memory.clone(),
-        Backend::Redis => Arc::new(RedisStore::connect(&settings.redis).await?),
+        Backend::Redis => {
+            let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&settings.redis).await?);
+            metrics.init_series(redis.source());
+            let guarded =
+                Fallback::new(redis, memory.clone(), settings.fallback(), metrics.clone());
+            let cached = Arc::new(OverLimitCache::new(
+                Arc::new(FallbackStore(guarded)),
+                settings.over_limit_cache.max_entries,
+            ));
+            cache = Some(cached.clone());
+            cached
+        }
     };
     metrics.init_series(store.source());
     let limiter = Arc::new(
@@ -138,7 +153,11 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         let mut tick = tokio::time::interval(sweep_every);
         loop {
             tick.tick().await;
-            memory.sweep(clock.now_ms());
+            let now = clock.now_ms();
+            memory.sweep(now);
+            if let Some(cache) = &cache {
+                cache.sweep(now);
+            }
         }
     });
 

@@ -19,7 +19,7 @@ use serde_saphyr::Spanned;
 
 use super::model::*;
 use super::schema::*;
-use crate::limiter::{Algorithm, Threshold, Unit};
+use crate::limiter::{Algorithm, FallbackMode, Threshold, Unit};
 
 /// One problem in a limits file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -703,6 +703,12 @@ impl<'a> FileContext<'a> {
                 false,
             ),
             timeout: pick(timeout, own_name, base.map(|b| &b.timeout), DEFAULT_TIMEOUT),
+            fallback: pick(
+                own.fallback,
+                own_name,
+                base.map(|b| &b.fallback),
+                FallbackMode::Local,
+            ),
         }
     }
 

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::Serialize;
 
-use crate::limiter::{Algorithm, Threshold};
+use crate::limiter::{Algorithm, FallbackMode, Threshold};
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
 #[derive(Debug, Default)]
@@ -58,6 +58,7 @@ pub struct RouteSettings {
     pub shadow_mode: Setting<bool>,
     #[serde(serialize_with = "serialize_duration_setting")]
     pub timeout: Setting<Duration>,
+    pub fallback: Setting<FallbackMode>,
 }
 
 fn serialize_duration_setting<S: serde::Serializer>(

@@ -9,7 +9,7 @@
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::limiter::Algorithm;
+use crate::limiter::{Algorithm, FallbackMode};
 
 #[derive(Debug, Deserialize)]
 pub struct LimitsFile {
@@ -31,6 +31,7 @@ pub struct SettingsRaw {
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
     pub timeout: Option<String>,
+    pub fallback: Option<FallbackMode>,
 }
 
 /// A route. The settings fields repeat [`SettingsRaw`] rather than `flatten` it, because
@@ -47,6 +48,7 @@ pub struct RouteRaw {
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
     pub timeout: Option<String>,
+    pub fallback: Option<FallbackMode>,
 }
 
 impl RouteRaw {
@@ -58,6 +60,7 @@ impl RouteRaw {
             rejected_msg: self.rejected_msg.clone(),
             shadow_mode: self.shadow_mode,
             timeout: self.timeout.clone(),
+            fallback: self.fallback,
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Settings {
     pub request: RequestBounds,
     /// Redis connection (used by `backend: redis`).
     pub redis: RedisSettings,
+    /// What answers when Redis fails (used by `backend: redis`).
+    pub fallback: FallbackSettings,
+    /// Counters known to be over, answered without Redis (used by `backend: redis`).
+    pub over_limit_cache: OverLimitCacheSettings,
     /// How long in-flight requests may take to finish after SIGTERM before the server exits.
     pub shutdown_grace: String,
 }
@@ -46,6 +50,8 @@ impl Default for Settings {
             memory: MemorySettings::default(),
             request: RequestBounds::default(),
             redis: RedisSettings::default(),
+            fallback: FallbackSettings::default(),
+            over_limit_cache: OverLimitCacheSettings::default(),
             shutdown_grace: "10s".into(),
         }
     }
@@ -133,6 +139,42 @@ impl Default for RedisSettings {
             pool_size: 4,
             connect_timeout: "1s".into(),
             command_timeout: "50ms".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackSettings {
+    /// Replicas sharing the limits: `local` fallback counting divides each limit by this.
+    pub replicas: u32,
+    /// Consecutive store failures (errors or timeouts) that open the circuit breaker.
+    pub failure_threshold: u32,
+    /// While open, how often the store is probed (PING) to close the breaker again.
+    pub probe_interval: String,
+}
+
+impl Default for FallbackSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            failure_threshold: 3,
+            probe_interval: "250ms".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OverLimitCacheSettings {
+    /// Most counters remembered; beyond it new over-limit counters are not remembered.
+    pub max_entries: usize,
+}
+
+impl Default for OverLimitCacheSettings {
+    fn default() -> Self {
+        Self {
+            max_entries: 100_000,
         }
     }
 }
@@ -236,6 +278,7 @@ impl Settings {
             ("shutdown_grace", &self.shutdown_grace),
             ("redis.connect_timeout", &self.redis.connect_timeout),
             ("redis.command_timeout", &self.redis.command_timeout),
+            ("fallback.probe_interval", &self.fallback.probe_interval),
         ] {
             parse_duration(name, value)?;
         }
@@ -260,6 +303,18 @@ impl Settings {
     pub fn sweep_interval(&self) -> Duration {
         parse_duration("memory.sweep_interval", &self.memory.sweep_interval)
             .unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn fallback(&self) -> crate::limiter::fallback::FallbackConfig {
+        crate::limiter::fallback::FallbackConfig {
+            replicas: self.fallback.replicas.max(1),
+            failure_threshold: self.fallback.failure_threshold.max(1),
+            probe_interval: parse_duration(
+                "fallback.probe_interval",
+                &self.fallback.probe_interval,
+            )
+            .unwrap_or(Duration::from_millis(250)),
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -101,6 +101,7 @@ impl Store for MemoryStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         for op in ops.iter_mut() {
             self.apply_one(op, now);
+            op.source = "memory";
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -122,17 +123,16 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{Algorithm, HitMode, Outcome, Threshold, Unit};
+    use crate::limiter::{Algorithm, HitMode, Threshold, Unit};
 
     fn op(counter: &str, limit: u64) -> CounterOp {
-        CounterOp {
-            counter: counter.to_string(),
-            algorithm: Algorithm::FixedWindow,
-            threshold: Threshold::new(limit, Unit::Second),
-            hits: 1,
-            mode: HitMode::Take,
-            outcome: Outcome::default(),
-        }
+        CounterOp::new(
+            counter.to_string(),
+            Algorithm::FixedWindow,
+            Threshold::new(limit, Unit::Second),
+            1,
+            HitMode::Take,
+        )
     }
 
     #[test]

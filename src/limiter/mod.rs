@@ -6,6 +6,8 @@
 //! a store only decides where the state lives and how it is updated atomically.
 
 pub mod algorithm;
+pub mod cache;
+pub mod fallback;
 pub mod memory;
 pub mod redis;
 
@@ -90,16 +92,72 @@ pub struct Outcome {
     pub reset_ms: u64,
 }
 
-/// One counter update of a request's batch. The store fills `outcome`.
+/// What to answer for a counter when its store cannot (route setting `fallback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackMode {
+    /// Count in process memory with the same algorithm, the limit divided by the replicas.
+    #[default]
+    Local,
+    /// Admit.
+    Allow,
+    /// Reject.
+    Deny,
+    /// Fail the request (gRPC UNAVAILABLE) so Envoy's `failure_mode_deny` decides.
+    Error,
+}
+
+/// How a counter's route wants store trouble handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpPolicy {
+    /// Budget for the store call; past it the fallback answers.
+    pub timeout: std::time::Duration,
+    pub fallback: FallbackMode,
+}
+
+impl Default for OpPolicy {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_millis(50),
+            fallback: FallbackMode::Local,
+        }
+    }
+}
+
+/// One counter update of a request's batch. The store fills `outcome` and `source`.
 #[derive(Debug, Clone)]
 pub struct CounterOp {
-    /// The counter id (see [`crate::matcher::CounterId`]); already safe to embed in a key.
+    /// The counter id (see [`crate::matcher::push_component`]); safe to embed in a key.
     pub counter: String,
     pub algorithm: Algorithm,
     pub threshold: Threshold,
     pub hits: u64,
     pub mode: HitMode,
+    pub policy: OpPolicy,
     pub outcome: Outcome,
+    /// Where the outcome came from (`memory`, `redis`, `local_cache`, `fallback`).
+    pub source: &'static str,
+}
+
+impl CounterOp {
+    pub fn new(
+        counter: String,
+        algorithm: Algorithm,
+        threshold: Threshold,
+        hits: u64,
+        mode: HitMode,
+    ) -> Self {
+        Self {
+            counter,
+            algorithm,
+            threshold,
+            hits,
+            mode,
+            policy: OpPolicy::default(),
+            outcome: Outcome::default(),
+            source: "",
+        }
+    }
 }
 
 /// Why a store could not answer. Callers fall back; they never panic on it.
@@ -136,9 +194,19 @@ pub trait Store: Send + Sync + 'static {
     /// Where answers come from, for `dynamic_metadata` (`memory`, `redis`, ...).
     fn source(&self) -> &'static str;
 
+    /// A cheap round trip to see whether the store answers again (circuit breaker probe).
+    fn probe(&self) -> StoreFuture<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// `Ok` when the store can answer now; the reason otherwise (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Whether a fallback answers instead of this store right now (for `/readyz`).
+    fn fallback_active(&self) -> bool {
+        false
     }
 
     /// Publishes the store's own gauges (size, refusals) just before a scrape.

@@ -237,6 +237,9 @@ fn outcome(value: Value) -> Result<Outcome, StoreError> {
 impl Store for RedisStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         Box::pin(async move {
+            // With no connection up, fred would queue the batch until it reconnects or the
+            // timeout fires; failing now lets the fallback answer at once.
+            self.ready().map_err(StoreError::Unavailable)?;
             let mut replies = self.run_batch(ops, now).await;
             if replies
                 .iter()
@@ -267,6 +270,7 @@ impl Store for RedisStore {
             }
             for (op, reply) in ops.iter_mut().zip(replies) {
                 op.outcome = outcome(reply.map_err(|e| store_error(&e))?)?;
+                op.source = "redis";
             }
             Ok(())
         })
@@ -274,6 +278,17 @@ impl Store for RedisStore {
 
     fn source(&self) -> &'static str {
         "redis"
+    }
+
+    fn probe(&self) -> StoreFuture<'_> {
+        Box::pin(async move {
+            self.pool
+                .next()
+                .ping::<Value>(None)
+                .await
+                .map(|_| ())
+                .map_err(|e| store_error(&e))
+        })
     }
 
     fn ready(&self) -> Result<(), String> {

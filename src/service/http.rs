@@ -132,6 +132,16 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
                 store.source()
             ),
         ),
+        // The fallback answers every request fast, so the replica stays in rotation: taking
+        // every replica out when the shared Redis fails would leave Envoy with no RLS at all.
+        Err(reason) if store.fallback_active() => (
+            StatusCode::OK,
+            format!(
+                "ready: fallback active (store {} unreachable: {reason}); limits loaded ({} domains)\n",
+                store.source(),
+                limits.domains.len()
+            ),
+        ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::clock::Clock;
 use crate::config::settings::RequestBounds;
 use crate::config::{LimitSet, Route};
-use crate::limiter::{CounterOp, HitMode, Outcome, Store, StoreError, Threshold, Unit};
+use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Store, StoreError, Threshold, Unit};
 use crate::matcher::{self, Matched};
 use crate::metrics::{self as m, Decision, Metrics, RequestResult};
 use crate::proto::core::HeaderValue;
@@ -147,14 +147,13 @@ impl RateLimiter {
         let mut matches: Vec<Option<Matched<'_>>> = Vec::with_capacity(request.descriptors.len());
         let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
         for descriptor in &request.descriptors {
-            let matched = matcher::match_descriptor(domain, descriptor);
-            if let Some(m) = &matched {
+            let mut matched = matcher::match_descriptor(domain, descriptor);
+            if let Some(m) = matched.as_mut() {
+                let settings = m.route.map(|r| &r.settings);
                 ops.push(CounterOp {
-                    counter: m.counter.clone(),
-                    algorithm: m
-                        .route
-                        .map(|r| r.settings.algorithm.value)
-                        .unwrap_or_default(),
+                    // The response needs only the rule and route, so the id moves, not copies.
+                    counter: std::mem::take(&mut m.counter),
+                    algorithm: settings.map(|s| s.algorithm.value).unwrap_or_default(),
                     threshold: m.threshold,
                     hits: hits(descriptor, request_hits),
                     mode: if descriptor.is_negative_hits {
@@ -162,7 +161,14 @@ impl RateLimiter {
                     } else {
                         HitMode::Take
                     },
+                    policy: settings
+                        .map(|s| OpPolicy {
+                            timeout: s.timeout.value,
+                            fallback: s.fallback.value,
+                        })
+                        .unwrap_or_default(),
                     outcome: Outcome::default(),
+                    source: "",
                 });
             } else {
                 self.metrics.unmatched(&domain.name);
@@ -181,13 +187,7 @@ impl RateLimiter {
             );
             applied?;
         }
-        Ok(respond(
-            &domain.name,
-            &matches,
-            &ops,
-            self.store.source(),
-            &self.metrics,
-        ))
+        Ok(respond(&domain.name, &matches, &ops, &self.metrics))
     }
 }
 
@@ -276,14 +276,13 @@ fn respond(
     domain: &str,
     matches: &[Option<Matched<'_>>],
     ops: &[CounterOp],
-    source: &str,
     metrics: &Metrics,
 ) -> Answer {
     let mut statuses = Vec::with_capacity(matches.len());
-    let mut outcomes = ops.iter().map(|op| op.outcome);
+    let mut outcomes = ops.iter().map(|op| (op.outcome, op.source));
     // The descriptor that decides the answer: the first one over the limit (not in shadow
     // mode), else the first one matched. Reported in dynamic_metadata.
-    let mut deciding: Option<(&Matched<'_>, Outcome, bool)> = None;
+    let mut deciding: Option<(&Matched<'_>, Outcome, bool, &str)> = None;
     let mut rejected: Option<&Route> = None;
     // Most restrictive descriptor among routes that show quota headers.
     let mut quota: Option<(Threshold, Outcome)> = None;
@@ -294,7 +293,7 @@ fn respond(
             statuses.push(ok_without_limit());
             continue;
         };
-        let outcome = outcomes.next().unwrap_or_default();
+        let (outcome, source) = outcomes.next().unwrap_or_default();
         let shadow = m.route.is_some_and(|r| r.settings.shadow_mode.value);
         let over = outcome.over && !shadow;
         let route_name = m.route.map(|r| r.name.as_str()).unwrap_or(m::NO_ROUTE);
@@ -319,9 +318,9 @@ fn respond(
         if over && overall == Code::Ok {
             overall = Code::OverLimit;
             rejected = m.route;
-            deciding = Some((m, outcome, shadow));
+            deciding = Some((m, outcome, shadow, source));
         } else if deciding.is_none() {
-            deciding = Some((m, outcome, shadow));
+            deciding = Some((m, outcome, shadow, source));
         }
         if m.route
             .is_some_and(|r| r.settings.show_limit_quota_header.value)
@@ -360,7 +359,7 @@ fn respond(
     let raw_body = rejected
         .map(|r| r.settings.rejected_msg.value.as_bytes().to_vec())
         .unwrap_or_default();
-    let dynamic_metadata = deciding.map(|(m, outcome, shadow)| {
+    let dynamic_metadata = deciding.map(|(m, outcome, shadow, source)| {
         let decision = match (outcome.over, shadow) {
             (false, _) => "ok",
             (true, false) => "over_limit",
