@@ -76,7 +76,7 @@ pub fn fixed_window(
     let outcome = Outcome {
         over: count > threshold.limit,
         remaining: threshold.limit.saturating_sub(count),
-        reset_ms: window + period - now,
+        reset_ms: window.saturating_add(period) - now,
     };
     (outcome, FixedWindow { window, count })
 }

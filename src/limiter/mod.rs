@@ -48,6 +48,9 @@ impl Unit {
     }
 }
 
+/// The longest period a counter can have: 100 years of 365 days.
+pub const MAX_PERIOD_MS: u64 = 100 * 365 * 86_400 * 1000;
+
 /// How many requests a counter admits per period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Threshold {
@@ -70,9 +73,15 @@ impl Threshold {
         }
     }
 
-    /// The period in milliseconds, never zero (a zero multiplier is treated as one).
+    /// The period in milliseconds: never zero (a zero multiplier is treated as one) and at
+    /// most [`MAX_PERIOD_MS`], so a request-side override with a huge `unit_multiplier`
+    /// cannot overflow window arithmetic.
     pub fn period_ms(&self) -> u64 {
-        self.unit.seconds() * u64::from(self.multiplier.max(1)) * 1000
+        self.unit
+            .seconds()
+            .saturating_mul(u64::from(self.multiplier.max(1)))
+            .saturating_mul(1000)
+            .min(MAX_PERIOD_MS)
     }
 }
 
