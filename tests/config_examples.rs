@@ -31,6 +31,10 @@ const KNOWN_EXAMPLES: &[(&str, &str)] = &[
         "config/envoy/envoy.yaml",
         "envoy_example_asks_the_edge_domain_for_its_routes",
     ),
+    (
+        "config/prometheus/prometheus.yml",
+        "tests/dashboard.rs: prometheus_example_scrapes_sluice_metrics_on_the_http_port",
+    ),
 ];
 
 fn examples() -> LimitSet {

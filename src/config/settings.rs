@@ -322,21 +322,38 @@ impl Settings {
     }
 }
 
-/// `redis://user:secret@host` -> `redis://user:<redacted>@host`, for every `@` form.
+/// `redis://user:secret@host` -> `redis://user:<redacted>@host`, and the value of any query
+/// parameter naming a password (fred's `sentinelPassword=`), for every URL form.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map(|(u, _)| u);
-            match user {
-                Some(user) => format!("{scheme}://{user}:{REDACTED}@{host}"),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
+    let (location, query) = match rest.split_once('?') {
+        Some((location, query)) => (location, Some(query)),
+        None => (rest, None),
+    };
+    let mut shown = format!("{scheme}://");
+    match location.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => shown.push_str(&format!("{user}:{REDACTED}@{host}")),
+            None => shown.push_str(location),
+        },
+        None => shown.push_str(location),
     }
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                    format!("{name}={REDACTED}")
+                }
+                _ => param.to_string(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&params.join("&"));
+    }
+    shown
 }
 
 fn parse_duration(name: &str, value: &str) -> Result<Duration, SettingsError> {

@@ -16,8 +16,9 @@ use prost_types::{Struct, Value, value::Kind};
 use tracing::debug;
 
 use crate::clock::Clock;
+use crate::config::LimitSet;
+use crate::config::load::{DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG};
 use crate::config::settings::RequestBounds;
-use crate::config::{LimitSet, Route};
 use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Store, StoreError, Threshold, Unit};
 use crate::matcher::{self, Matched};
 use crate::metrics::{self as m, Decision, Metrics, RequestResult};
@@ -283,7 +284,9 @@ fn respond(
     // The descriptor that decides the answer: the first one over the limit (not in shadow
     // mode), else the first one matched. Reported in dynamic_metadata.
     let mut deciding: Option<(&Matched<'_>, Outcome, bool, &str)> = None;
-    let mut rejected: Option<&Route> = None;
+    // The rejecting route's code and message; built-in ones when the limit that rejected
+    // came from a request override on no configured route.
+    let mut rejected: Option<(u16, &str)> = None;
     // Most restrictive descriptor among routes that show quota headers.
     let mut quota: Option<(Threshold, Outcome)> = None;
     let mut overall = Code::Ok;
@@ -317,7 +320,15 @@ fn respond(
         }
         if over && overall == Code::Ok {
             overall = Code::OverLimit;
-            rejected = m.route;
+            rejected = Some(
+                m.route
+                    .map_or((DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG), |r| {
+                        (
+                            r.settings.rejected_code.value,
+                            r.settings.rejected_msg.value.as_str(),
+                        )
+                    }),
+            );
             deciding = Some((m, outcome, shadow, source));
         } else if deciding.is_none() {
             deciding = Some((m, outcome, shadow, source));
@@ -357,7 +368,7 @@ fn respond(
         })
         .unwrap_or_default();
     let raw_body = rejected
-        .map(|r| r.settings.rejected_msg.value.as_bytes().to_vec())
+        .map(|(_, msg)| msg.as_bytes().to_vec())
         .unwrap_or_default();
     let dynamic_metadata = deciding.map(|(m, outcome, shadow, source)| {
         let decision = match (outcome.over, shadow) {
@@ -381,7 +392,7 @@ fn respond(
             raw_body,
             dynamic_metadata,
         },
-        rejected_code: rejected.map(|r| r.settings.rejected_code.value),
+        rejected_code: rejected.map(|(code, _)| code),
     }
 }
 
@@ -396,9 +407,12 @@ fn current_limit(m: &Matched<'_>) -> RateLimit {
         Unit::Month => ProtoUnit::Month,
         Unit::Year => ProtoUnit::Year,
     };
-    let route = m.route.map(|r| r.name.as_str()).unwrap_or("");
+    let name = match m.route {
+        Some(route) => format!("{}/{}", route.name, m.rule),
+        None => m.rule.to_string(),
+    };
     RateLimit {
-        name: format!("{route}/{}", m.rule),
+        name,
         requests_per_unit: u32::try_from(t.limit).unwrap_or(u32::MAX),
         unit: unit as i32,
         unit_multiplier: (t.multiplier > 1).then_some(t.multiplier),
