@@ -43,6 +43,8 @@ pub enum RequestResult {
     OverLimit,
     Invalid,
     Error,
+    /// Refused because too many requests were in flight.
+    Shed,
 }
 
 impl RequestResult {
@@ -52,6 +54,7 @@ impl RequestResult {
             RequestResult::OverLimit => "over_limit",
             RequestResult::Invalid => "invalid",
             RequestResult::Error => "error",
+            RequestResult::Shed => "shed",
         }
     }
 }

@@ -145,7 +145,8 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     metrics.init_series(store.source());
     let limiter = Arc::new(
         RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
-            .with_metrics(metrics),
+            .with_metrics(metrics)
+            .with_max_in_flight(settings.max_in_flight),
     );
 
     let sweep_every = settings.sweep_interval();
@@ -180,8 +181,14 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let stop_signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls(settings)? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Setup(format!("tls: {e}")))?;
+    }
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health)
             .add_service(reflection)
             .add_service(rls)
@@ -215,6 +222,25 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         http,
         sweeper,
     })
+}
+
+/// The gRPC server's TLS settings, read from the files named in `settings.tls`.
+fn server_tls(
+    settings: &Settings,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&settings.tls.cert_file, &settings.tls.key_file) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ServeError::Setup(format!("tls: cannot read {}: {e}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &settings.tls.client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// One info line per load; at debug, every route's effective settings with where each came

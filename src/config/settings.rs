@@ -34,6 +34,11 @@ pub struct Settings {
     pub fallback: FallbackSettings,
     /// Counters known to be over, answered without Redis (used by `backend: redis`).
     pub over_limit_cache: OverLimitCacheSettings,
+    /// Most requests decided at once; beyond it a request is refused at once with
+    /// RESOURCE_EXHAUSTED (HTTP 503) instead of queueing behind the others.
+    pub max_in_flight: usize,
+    /// gRPC server TLS; off when `cert_file` is not set.
+    pub tls: TlsSettings,
     /// How long in-flight requests may take to finish after SIGTERM before the server exits.
     pub shutdown_grace: String,
 }
@@ -53,6 +58,8 @@ impl Default for Settings {
             fallback: FallbackSettings::default(),
             over_limit_cache: OverLimitCacheSettings::default(),
             shutdown_grace: "10s".into(),
+            max_in_flight: 4096,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -179,6 +186,17 @@ impl Default for OverLimitCacheSettings {
     }
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the gRPC server; setting it turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the gRPC server.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate signed by it.
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// What `/config` and logs show of a secret.
 pub const REDACTED: &str = "<redacted>";
 
@@ -281,6 +299,21 @@ impl Settings {
             ("fallback.probe_interval", &self.fallback.probe_interval),
         ] {
             parse_duration(name, value)?;
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(SettingsError::Invalid(
+                "tls: set both cert_file and key_file (or neither to serve without TLS)".into(),
+            ));
+        }
+        if self.tls.client_ca_file.is_some() && self.tls.cert_file.is_none() {
+            return Err(SettingsError::Invalid(
+                "tls.client_ca_file needs tls.cert_file and tls.key_file: client certificates are verified only over TLS".into(),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(SettingsError::Invalid(
+                "max_in_flight: must be at least 1".into(),
+            ));
         }
         if self.memory.max_entries == 0 {
             return Err(SettingsError::Invalid(

@@ -33,6 +33,7 @@ impl RateLimitService for GrpcService {
             Ok(response) => Ok(Response::new(response)),
             Err(RequestError::Invalid(message)) => Err(Status::invalid_argument(message)),
             Err(RequestError::Store(e)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ RequestError::Overloaded(_)) => Err(Status::resource_exhausted(e.to_string())),
         }
     }
 }

@@ -181,6 +181,9 @@ async fn json_api(State(s): State<HttpState>, body: Bytes) -> Response {
     let answer = match s.limiter.decide(&request).await {
         Ok(answer) => answer,
         Err(RequestError::Invalid(m)) => return error_json(StatusCode::BAD_REQUEST, &m),
+        Err(e @ RequestError::Overloaded(_)) => {
+            return error_json(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
         Err(RequestError::Store(e)) => {
             return error_json(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
         }

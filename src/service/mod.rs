@@ -36,6 +36,9 @@ pub enum RequestError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// More requests in flight than `max_in_flight`: refused at once rather than queued.
+    #[error("too many requests in flight (more than {0}); retry shortly")]
+    Overloaded(usize),
 }
 
 /// Everything one request needs, shared by all connections.
@@ -45,7 +48,13 @@ pub struct RateLimiter {
     clock: Arc<dyn Clock>,
     bounds: RequestBounds,
     metrics: Arc<Metrics>,
+    /// Permits for requests being decided; see `Settings::max_in_flight`.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
 }
+
+/// Default for [`RateLimiter::with_max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 
 /// A decision and what only the HTTP side needs beyond Envoy's response.
 #[derive(Debug, Clone)]
@@ -68,7 +77,16 @@ impl RateLimiter {
             clock,
             bounds,
             metrics: Arc::new(Metrics::new()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+
+    /// Bounds the requests decided at once (load shedding).
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.in_flight = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self.max_in_flight = max.max(1);
+        self
     }
 
     /// Records into `metrics` instead of a private registry.
@@ -109,6 +127,15 @@ impl RateLimiter {
     /// The whole request path, with metrics: validate, match, count, respond.
     pub async fn decide(&self, request: &RateLimitRequest) -> Result<Answer, RequestError> {
         let started = Instant::now();
+        // Shed load rather than queue: a request that cannot start now is refused at once.
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.metrics.request(
+                m::UNKNOWN_DOMAIN,
+                RequestResult::Shed,
+                started.elapsed().as_secs_f64(),
+            );
+            return Err(RequestError::Overloaded(self.max_in_flight));
+        };
         let limits = self.limits.load_full();
         // Label by the configured domain name only; anything else is `_unknown`.
         let domain = limits.domain(&request.domain);
@@ -119,6 +146,7 @@ impl RateLimiter {
             Ok(_) => RequestResult::Ok,
             Err(RequestError::Invalid(_)) => RequestResult::Invalid,
             Err(RequestError::Store(_)) => RequestResult::Error,
+            Err(RequestError::Overloaded(_)) => RequestResult::Shed,
         };
         self.metrics
             .request(domain_label, outcome, started.elapsed().as_secs_f64());
