@@ -1055,19 +1055,9 @@ impl<'a> FileContext<'a> {
         })
     }
 
-    /// Algorithms not yet available are refused, and `burst` only makes sense for a bucket.
+    /// `burst` only makes sense for a token bucket.
     fn check_algorithm(&mut self, at: At<'_>, settings: &RouteSettings, limits: &RouteLimits) {
         let algorithm = settings.algorithm.value;
-        if algorithm != Algorithm::FixedWindow {
-            self.error(
-                at,
-                "algorithm",
-                format!(
-                    "{} is not available in this version of sluice; use fixed_window",
-                    algorithm.as_str()
-                ),
-            );
-        }
         let burst_field = match limits {
             RouteLimits::Global(rule) => rule
                 .threshold

@@ -81,6 +81,269 @@ pub fn fixed_window(
     (outcome, FixedWindow { window, count })
 }
 
+/// State of a `sliding_window` counter: the hits admitted in its current window and in the
+/// window before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlidingWindow {
+    pub window: u64,
+    pub curr: u64,
+    pub prev: u64,
+}
+
+/// `sliding_window` (DESIGN §3): the previous window's count weighted by the part of it still
+/// inside the sliding period, plus the current window's count.
+///
+/// ```text
+/// window    = now - now % period,  elapsed = now - window
+/// estimate  = ceil(prev * (period - elapsed) / period) + curr
+/// admitted  = estimate + hits <= limit        (only admitted hits are counted)
+/// remaining = limit - (estimate + hits if admitted else estimate)
+/// reset     = admitted: window + period - now
+///             over: the first ms at which the decaying previous window lets `hits` pass,
+///                   or the end of the window when the current window alone is too full
+/// ```
+///
+/// The approximation (the previous window's hits taken as spread evenly over it) is the usual
+/// one of Cloudflare and others; rounding the weighted count up keeps it on the safe side, so
+/// with evenly spread traffic no span of one period admits more than `limit`. Traffic bunched
+/// at the start of the previous window can still see up to that window's unweighted share
+/// pass early, which is the documented price of keeping two counters instead of a log. The arithmetic is done in `f64` on integers below 2^53, exactly
+/// as the Lua twin does it, so both give the same answers.
+pub fn sliding_window(
+    prev: Option<SlidingWindow>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    mode: HitMode,
+) -> (Outcome, SlidingWindow) {
+    let period = threshold.period_ms();
+    let limit = threshold.limit;
+    let window = now - now % period;
+    let elapsed = now - window;
+    let (curr, before) = match prev {
+        Some(s) if s.window == window => (s.curr, s.prev),
+        Some(s) if s.window.saturating_add(period) == window => (0, s.curr),
+        _ => (0, 0),
+    };
+    let weighted = weighted_previous(before, period, elapsed);
+    let end = window.saturating_add(period) - now;
+    let estimate = weighted.saturating_add(curr);
+    let (outcome, curr) = match mode {
+        HitMode::Give => {
+            let curr = curr.saturating_sub(hits);
+            let estimate = weighted.saturating_add(curr);
+            (
+                Outcome {
+                    over: estimate > limit,
+                    remaining: limit.saturating_sub(estimate),
+                    reset_ms: end,
+                },
+                curr,
+            )
+        }
+        HitMode::Take => {
+            let after = estimate.saturating_add(hits);
+            if after <= limit {
+                (
+                    Outcome {
+                        over: false,
+                        remaining: limit - after,
+                        reset_ms: end,
+                    },
+                    curr + hits,
+                )
+            } else {
+                let reset_ms =
+                    sliding_retry(limit, curr, before, hits, period, elapsed).unwrap_or(end);
+                (
+                    Outcome {
+                        over: true,
+                        remaining: limit.saturating_sub(estimate),
+                        reset_ms,
+                    },
+                    curr,
+                )
+            }
+        }
+    };
+    (
+        outcome,
+        SlidingWindow {
+            window,
+            curr,
+            prev: before,
+        },
+    )
+}
+
+/// `ceil(prev * (period - elapsed) / period)`, in the same `f64` steps as the Lua script.
+fn weighted_previous(prev: u64, period: u64, elapsed: u64) -> u64 {
+    ((prev as f64) * ((period - elapsed) as f64) / (period as f64)).ceil() as u64
+}
+
+/// When the previous window has decayed enough for `hits` to pass in this window, as ms from
+/// now; `None` when only the next window can admit them.
+fn sliding_retry(
+    limit: u64,
+    curr: u64,
+    prev: u64,
+    hits: u64,
+    period: u64,
+    elapsed: u64,
+) -> Option<u64> {
+    let need = limit.checked_sub(curr.checked_add(hits)?)?;
+    if prev == 0 {
+        return None;
+    }
+    // The first offset e in the window with ceil(prev * (period - e) / period) <= need,
+    // that is prev * (period - e) / period <= need.
+    let at = ((period as f64) - (need as f64) * (period as f64) / (prev as f64)).ceil();
+    let at = if at < 0.0 { 0 } else { at as u64 };
+    (at < period).then(|| at.saturating_sub(elapsed).max(1))
+}
+
+/// State of a `token_bucket` counter: the theoretical arrival time, in µs since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    pub tat_us: u64,
+}
+
+/// `token_bucket`, as GCRA (DESIGN §3), in whole microseconds:
+///
+/// ```text
+/// T         = floor(period_us / limit)   (emission interval, at least 1 µs)
+/// capacity  = burst * T                  (burst defaults to limit)
+/// tat       = max(stored tat, now)
+/// admitted  = tat + hits * T - now <= capacity     (only admitted hits move tat)
+/// remaining = floor((capacity - (tat' - now)) / T)   tokens left after the answer
+/// reset     = admitted: until the bucket is full again (tat' - now)
+///             over: until `hits` tokens are there (tat + hits * T - capacity - now)
+/// ```
+///
+/// Microsecond integers keep every value below 2^53, so the Lua twin (whose numbers are
+/// doubles) computes exactly the same; a limit of 0 rejects everything.
+pub fn token_bucket(
+    prev: Option<TokenBucket>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    mode: HitMode,
+) -> (Outcome, TokenBucket) {
+    let period_us = threshold.period_ms().saturating_mul(1000);
+    let now_us = now.saturating_mul(1000);
+    let stored = prev.map(|p| p.tat_us).unwrap_or(now_us);
+    if threshold.limit == 0 {
+        let state = TokenBucket { tat_us: stored };
+        return (
+            Outcome {
+                over: true,
+                remaining: 0,
+                reset_ms: threshold.period_ms(),
+            },
+            state,
+        );
+    }
+    let interval = (period_us / threshold.limit).max(1);
+    let capacity = threshold
+        .burst
+        .unwrap_or(threshold.limit)
+        .saturating_mul(interval);
+    let tat = stored.max(now_us);
+    let cost = hits.saturating_mul(interval);
+    let ms = |us: u64| us.div_ceil(1000);
+    match mode {
+        HitMode::Give => {
+            let tat = tat.saturating_sub(cost).max(now_us);
+            let used = tat - now_us;
+            (
+                Outcome {
+                    over: false,
+                    remaining: capacity.saturating_sub(used) / interval,
+                    reset_ms: ms(used),
+                },
+                TokenBucket { tat_us: tat },
+            )
+        }
+        HitMode::Take => {
+            let next = tat.saturating_add(cost);
+            if next - now_us <= capacity {
+                let used = next - now_us;
+                (
+                    Outcome {
+                        over: false,
+                        remaining: (capacity - used) / interval,
+                        reset_ms: ms(used),
+                    },
+                    TokenBucket { tat_us: next },
+                )
+            } else {
+                let used = tat - now_us;
+                (
+                    Outcome {
+                        over: true,
+                        remaining: capacity.saturating_sub(used) / interval,
+                        reset_ms: ms(next - capacity - now_us),
+                    },
+                    TokenBucket { tat_us: tat },
+                )
+            }
+        }
+    }
+}
+
+/// The state of one counter, whatever its algorithm. A counter whose route changed
+/// algorithm on reload finds state of another kind and starts afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterState {
+    Fixed(FixedWindow),
+    Sliding(SlidingWindow),
+    Bucket(TokenBucket),
+}
+
+/// Runs `algorithm` on `prev` and returns the outcome, the next state and the time (ms since
+/// the epoch) after which the next state no longer matters and may be dropped.
+pub fn apply(
+    algorithm: Algorithm,
+    prev: Option<CounterState>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    mode: HitMode,
+) -> (Outcome, CounterState, u64) {
+    match algorithm {
+        Algorithm::FixedWindow => {
+            let prev = match prev {
+                Some(CounterState::Fixed(s)) => Some(s),
+                _ => None,
+            };
+            let (out, next) = fixed_window(prev, now, threshold, hits, mode);
+            (out, CounterState::Fixed(next), next.expires_at(threshold))
+        }
+        Algorithm::SlidingWindow => {
+            let prev = match prev {
+                Some(CounterState::Sliding(s)) => Some(s),
+                _ => None,
+            };
+            let (out, next) = sliding_window(prev, now, threshold, hits, mode);
+            // It still matters as the previous window of the next one.
+            let expires = next
+                .window
+                .saturating_add(threshold.period_ms().saturating_mul(2));
+            (out, CounterState::Sliding(next), expires)
+        }
+        Algorithm::TokenBucket => {
+            let prev = match prev {
+                Some(CounterState::Bucket(s)) => Some(s),
+                _ => None,
+            };
+            let (out, next) = token_bucket(prev, now, threshold, hits, mode);
+            // Once full again the state says nothing a fresh bucket would not.
+            let expires = next.tat_us.div_ceil(1000).max(now + 1);
+            (out, CounterState::Bucket(next), expires)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,33 +386,5 @@ mod tests {
         assert_eq!((out.over, out.remaining, s2.count), (false, 0, 1));
         let (out, s3) = fixed_window(Some(s2), 5_200, &t, 5, HitMode::Give);
         assert_eq!((out.over, out.remaining, s3.count), (false, 1, 0));
-    }
-}
-
-/// The state of one counter, whatever its algorithm. A counter whose route changed
-/// algorithm on reload finds state of another kind and starts afresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CounterState {
-    Fixed(FixedWindow),
-}
-
-/// Runs `algorithm` on `prev` and returns the outcome, the next state and the time (ms since
-/// the epoch) after which the next state no longer matters and may be dropped.
-pub fn apply(
-    algorithm: Algorithm,
-    prev: Option<CounterState>,
-    now: u64,
-    threshold: &Threshold,
-    hits: u64,
-    mode: HitMode,
-) -> (Outcome, CounterState, u64) {
-    match algorithm {
-        // sliding_window and token_bucket are refused at config load until they have their
-        // own functions here (issue 6); counting them as fixed windows keeps this total.
-        Algorithm::FixedWindow | Algorithm::SlidingWindow | Algorithm::TokenBucket => {
-            let prev = prev.map(|CounterState::Fixed(s)| s);
-            let (out, next) = fixed_window(prev, now, threshold, hits, mode);
-            (out, CounterState::Fixed(next), next.expires_at(threshold))
-        }
     }
 }

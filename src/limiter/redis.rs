@@ -21,7 +21,15 @@ use tracing::{info, warn};
 use super::{Algorithm, CounterOp, HitMode, Outcome, Store, StoreError, StoreFuture};
 use crate::config::settings::RedisSettings;
 
-const FIXED_WINDOW_LUA: &str = include_str!("lua/fixed_window.lua");
+/// One script per algorithm, each the twin of its function in `algorithm.rs`.
+const SCRIPTS: [(Algorithm, &str); 3] = [
+    (Algorithm::FixedWindow, include_str!("lua/fixed_window.lua")),
+    (
+        Algorithm::SlidingWindow,
+        include_str!("lua/sliding_window.lua"),
+    ),
+    (Algorithm::TokenBucket, include_str!("lua/token_bucket.lua")),
+];
 
 /// Why the Redis store could not be set up. Never contains the password.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +53,8 @@ pub enum RedisSetupError {
 
 pub struct RedisStore {
     pool: Pool,
-    /// SHA1 of the fixed window script, for EVALSHA.
-    fixed_window_sha: String,
+    /// SHA1 of each algorithm's script (in `SCRIPTS` order), for EVALSHA.
+    shas: [String; 3],
     /// Where it connects, without credentials, for messages.
     target: String,
 }
@@ -124,7 +132,7 @@ impl RedisStore {
         }
         let store = Self {
             pool,
-            fixed_window_sha: fred::util::sha1_hash(FIXED_WINDOW_LUA),
+            shas: SCRIPTS.map(|(_, lua)| fred::util::sha1_hash(lua)),
             target,
         };
         // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
@@ -152,11 +160,21 @@ impl RedisStore {
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let client = self.pool.next();
-        client
-            .script_load_cluster::<Value, _>(FIXED_WINDOW_LUA)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(describe(&e, None)))
+        for (_, lua) in SCRIPTS {
+            client
+                .script_load_cluster::<Value, _>(lua)
+                .await
+                .map_err(|e| StoreError::Unavailable(describe(&e, None)))?;
+        }
+        Ok(())
+    }
+
+    fn sha(&self, algorithm: Algorithm) -> &str {
+        let index = SCRIPTS
+            .iter()
+            .position(|(a, _)| *a == algorithm)
+            .unwrap_or(0);
+        &self.shas[index]
     }
 
     async fn run_batch(&self, ops: &[CounterOp], now: u64) -> Vec<Result<Value, Error>> {
@@ -165,23 +183,38 @@ impl RedisStore {
         for op in ops {
             let period = op.threshold.period_ms();
             let window = now - now % period;
-            let args: Vec<i64> = vec![
-                to_i64(op.threshold.limit),
-                to_i64(period),
-                to_i64(now),
-                to_i64(op.hits),
-                i64::from(op.mode == HitMode::Give),
-            ];
-            // Only fixed_window is accepted by the config so far; every op uses its script.
-            debug_assert_eq!(op.algorithm, Algorithm::FixedWindow);
             // fred's pipeline has no EVALSHA method, so it is sent as a custom command whose
-            // cluster slot is taken from its key (argument 2: sha, numkeys, key, ...).
+            // cluster slot is taken from its first key (argument 2: sha, numkeys, key, ...).
             let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
-            let mut command: Vec<Value> = Vec::with_capacity(8);
-            command.push(Value::from(self.fixed_window_sha.as_str()));
-            command.push(Value::Integer(1));
-            command.push(Value::from(Self::key(&op.counter, window)));
-            command.extend(args.into_iter().map(Value::Integer));
+            let mut command: Vec<Value> = Vec::with_capacity(10);
+            command.push(Value::from(self.sha(op.algorithm)));
+            match op.algorithm {
+                Algorithm::FixedWindow => {
+                    command.push(Value::Integer(1));
+                    command.push(Value::from(Self::key(&op.counter, window)));
+                }
+                Algorithm::SlidingWindow => {
+                    command.push(Value::Integer(2));
+                    command.push(Value::from(Self::key(&op.counter, window)));
+                    command.push(Value::from(Self::key(
+                        &op.counter,
+                        window.saturating_sub(period),
+                    )));
+                }
+                Algorithm::TokenBucket => {
+                    command.push(Value::Integer(1));
+                    command.push(Value::from(format!("sluice:{{{}}}:tb", op.counter)));
+                }
+            }
+            let args = [
+                op.threshold.limit,
+                period,
+                now,
+                op.hits,
+                u64::from(op.mode == HitMode::Give),
+                op.threshold.burst.unwrap_or(op.threshold.limit),
+            ];
+            command.extend(args.into_iter().map(|v| Value::Integer(to_i64(v))));
             let queued: Result<(), Error> = pipeline.custom(evalsha, command).await;
             if let Err(e) = queued {
                 return vec![Err(e)];

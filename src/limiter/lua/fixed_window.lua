@@ -25,8 +25,9 @@ if ARGV[5] == '1' then
 else
   count = redis.call('INCRBY', KEYS[1], hits)
   if count == hits then
-    -- Created by this call: it lives until its window ends.
-    redis.call('PEXPIREAT', KEYS[1], window + period)
+    -- Created by this call: it lives until its window ends. Relative (PEXPIRE, from the
+    -- caller's `now`), so a skew between the caller's and Redis's clocks cannot expire it early.
+    redis.call('PEXPIRE', KEYS[1], window + period - now)
   end
 end
 local over = 0

@@ -1,0 +1,70 @@
+-- sliding_window, the twin of limiter::algorithm::sliding_window (DESIGN §3).
+--
+-- KEYS[1]  sluice:{<counter id>}:<window>            this window's admitted hits
+-- KEYS[2]  sluice:{<counter id>}:<window - period>   the previous window's
+-- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them
+--
+-- Returns { over (0|1), remaining, reset_ms }. The arithmetic follows the Rust function step
+-- by step (same operations in the same order on doubles), so both answer alike.
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local hits = tonumber(ARGV[4])
+local window = now - (now % period)
+local elapsed = now - window
+local curr = tonumber(redis.call('GET', KEYS[1]) or '0')
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local weighted = math.ceil(prev * (period - elapsed) / period)
+local estimate = weighted + curr
+local to_end = window + period - now
+
+if ARGV[5] == '1' then
+  curr = curr - hits
+  if curr < 0 then
+    curr = 0
+  end
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('SET', KEYS[1], curr, 'KEEPTTL')
+  end
+  estimate = weighted + curr
+  local over = 0
+  if estimate > limit then
+    over = 1
+  end
+  local remaining = limit - estimate
+  if remaining < 0 then
+    remaining = 0
+  end
+  return { over, remaining, to_end }
+end
+
+local after = estimate + hits
+if after <= limit then
+  if hits > 0 then
+    redis.call('INCRBY', KEYS[1], hits)
+    -- It still matters as the previous window of the next one.
+    redis.call('PEXPIRE', KEYS[1], window + 2 * period - now)
+  end
+  return { 0, limit - after, to_end }
+end
+
+-- Over: the first ms at which the decaying previous window lets the hits pass.
+local reset = to_end
+local need = limit - curr - hits
+if need >= 0 and prev > 0 then
+  local at = math.ceil(period - need * period / prev)
+  if at < 0 then
+    at = 0
+  end
+  if at < period then
+    reset = at - elapsed
+    if reset < 1 then
+      reset = 1
+    end
+  end
+end
+local remaining = limit - estimate
+if remaining < 0 then
+  remaining = 0
+end
+return { 1, remaining, reset }

@@ -1,0 +1,60 @@
+-- token_bucket (GCRA), the twin of limiter::algorithm::token_bucket (DESIGN §3).
+--
+-- KEYS[1]  sluice:{<counter id>}:tb   the theoretical arrival time, µs since the epoch
+-- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them, burst
+--
+-- Returns { over (0|1), remaining, reset_ms }. Every value is an integer below 2^53, so
+-- these doubles compute exactly what the Rust u64 arithmetic does.
+local limit = tonumber(ARGV[1])
+local period_ms = tonumber(ARGV[2])
+local now_us = tonumber(ARGV[3]) * 1000
+local hits = tonumber(ARGV[4])
+local burst = tonumber(ARGV[6])
+
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  stored = tonumber(stored)
+else
+  stored = now_us
+end
+if limit == 0 then
+  return { 1, 0, period_ms }
+end
+
+local interval = math.floor(period_ms * 1000 / limit)
+if interval < 1 then
+  interval = 1
+end
+local capacity = burst * interval
+local tat = math.max(stored, now_us)
+local cost = hits * interval
+
+local function to_ms(us)
+  return math.ceil(us / 1000)
+end
+
+local function store(value)
+  -- %.0f, not tostring: Lua would print large numbers in exponent form and lose digits.
+  redis.call('SET', KEYS[1], string.format('%.0f', value))
+  -- Once full again the state says nothing a fresh bucket would not.
+  redis.call('PEXPIRE', KEYS[1], math.max(to_ms(value) - tonumber(ARGV[3]), 1))
+end
+
+if ARGV[5] == '1' then
+  tat = tat - cost
+  if tat < now_us then
+    tat = now_us
+  end
+  store(tat)
+  local used = tat - now_us
+  return { 0, math.floor(math.max(capacity - used, 0) / interval), to_ms(used) }
+end
+
+local next_tat = tat + cost
+if next_tat - now_us <= capacity then
+  store(next_tat)
+  local used = next_tat - now_us
+  return { 0, math.floor((capacity - used) / interval), to_ms(used) }
+end
+local used = tat - now_us
+return { 1, math.floor(math.max(capacity - used, 0) / interval), to_ms(next_tat - capacity - now_us) }
