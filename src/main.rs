@@ -47,6 +47,13 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Serve a no-op RLS that answers OK to everything (the benchmarks' baseline).
+    #[command(hide = true)]
+    Baseline {
+        /// gRPC listen address
+        #[arg(long, default_value = "127.0.0.1:8091")]
+        grpc_addr: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +103,23 @@ fn main() -> ExitCode {
             match sluice::check::check(&paths, &mut out) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Baseline { grpc_addr } => {
+            sluice::server::init_tracing(&Settings::default());
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(sluice::server::run_baseline(&grpc_addr)) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::clock::{Clock, SystemClock};
+use crate::config::reload::Reloader;
 use crate::config::settings::{Backend, LogFormat};
 use crate::config::{ConfigErrors, Settings, load_dir};
 use crate::limiter::Store;
@@ -58,6 +59,9 @@ pub struct ServerHandle {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
+    reloader: JoinHandle<()>,
+    /// Reloads the limits directory now (what SIGHUP does); for tests and tools.
+    pub reload: Reloader,
 }
 
 impl ServerHandle {
@@ -67,6 +71,7 @@ impl ServerHandle {
         self.readiness.drain();
         let _ = self.stop.send(true);
         self.sweeper.abort();
+        self.reloader.abort();
         let both = async {
             let grpc = (&mut self.grpc).await;
             let http = (&mut self.http).await;
@@ -178,6 +183,10 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         .max_decoding_message_size(settings.request.max_message_bytes);
 
     let (stop, stopped) = watch::channel(false);
+    let reload = Reloader::new(&settings.limits_dir, limiter.clone());
+    let reloader = reload
+        .clone()
+        .spawn(settings.limits_poll_interval(), stopped.clone());
     let stop_signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -221,6 +230,8 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         grpc,
         http,
         sweeper,
+        reloader,
+        reload,
     })
 }
 
@@ -309,4 +320,61 @@ pub fn init_tracing(settings: &Settings) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The no-op RLS of the benchmarks: the same tonic stack as [`start`] (health, reflection,
+/// the RLS service) answering every `ShouldRateLimit` with OK and one OK status per
+/// descriptor, without matching, counting or metrics. `sluice baseline` serves it, so a load
+/// run against it measures the transport alone and sluice's numbers can be read as a ratio.
+pub async fn serve_baseline(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus};
+    use crate::proto::rls::rate_limit_service_server::RateLimitService;
+    use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+
+    struct Baseline;
+
+    #[tonic::async_trait]
+    impl RateLimitService for Baseline {
+        async fn should_rate_limit(
+            &self,
+            request: tonic::Request<RateLimitRequest>,
+        ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+            let ok = DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                statuses: vec![ok; request.get_ref().descriptors.len()],
+                ..Default::default()
+            }))
+        }
+    }
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RateLimitServiceServer<Baseline>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(RateLimitServiceServer::new(Baseline))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| ServeError::Setup(format!("baseline server: {e}")))
+}
+
+/// `sluice baseline`: serves [`serve_baseline`] on `addr` until SIGINT or SIGTERM.
+pub async fn run_baseline(addr: &str) -> Result<(), ServeError> {
+    let (listener, local) = bind(addr).await?;
+    info!(grpc_addr = %local, "serving the no-op baseline RLS (answers OK to everything)");
+    serve_baseline(listener, shutdown_signal()).await
 }

@@ -5,6 +5,7 @@
 
 pub mod load;
 pub mod model;
+pub mod reload;
 pub mod schema;
 pub mod settings;
 

@@ -19,8 +19,11 @@ pub struct Settings {
     pub grpc_addr: String,
     /// HTTP listen address (metrics, health, config dump, JSON API).
     pub http_addr: String,
-    /// Directory of limits files (`*.yaml`).
+    /// Directory of limits files (`*.yaml`), watched for changes.
     pub limits_dir: PathBuf,
+    /// How often the limits directory is also checked for changes, besides file events and
+    /// SIGHUP (a safety net for file systems without events).
+    pub limits_poll_interval: String,
     /// Where counters live.
     pub backend: Backend,
     /// Log filter, in `tracing` env-filter syntax (`info`, `sluice=debug`).
@@ -49,6 +52,7 @@ impl Default for Settings {
             grpc_addr: "0.0.0.0:8081".into(),
             http_addr: "0.0.0.0:8080".into(),
             limits_dir: PathBuf::from("config/limits"),
+            limits_poll_interval: "5s".into(),
             backend: Backend::Memory,
             log: "info".into(),
             log_format: LogFormat::Text,
@@ -294,6 +298,7 @@ impl Settings {
         for (name, value) in [
             ("memory.sweep_interval", &self.memory.sweep_interval),
             ("shutdown_grace", &self.shutdown_grace),
+            ("limits_poll_interval", &self.limits_poll_interval),
             ("redis.connect_timeout", &self.redis.connect_timeout),
             ("redis.command_timeout", &self.redis.command_timeout),
             ("fallback.probe_interval", &self.fallback.probe_interval),
@@ -348,6 +353,11 @@ impl Settings {
             )
             .unwrap_or(Duration::from_millis(250)),
         }
+    }
+
+    pub fn limits_poll_interval(&self) -> Duration {
+        parse_duration("limits_poll_interval", &self.limits_poll_interval)
+            .unwrap_or(Duration::from_secs(5))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -1,0 +1,605 @@
+//! `sluice-load`: a load generator for Envoy RLS v3 servers (sluice, the `sluice baseline`
+//! no-op, or any other `ShouldRateLimit` implementation).
+//!
+//! Sends unary `ShouldRateLimit` calls from `-c` workers over `--connections` HTTP/2
+//! connections, for `-n` requests or `-z` time (whichever ends first), unpaced or at a target
+//! `--rps`. Each `--descriptor` is a template (`route=api,x-api-key=key-{rand:1000}`): every
+//! `{rand:N}` becomes a random integer in `0..N` per request, so N is the cardinality of that
+//! value. Reports throughput, answers (OK / OVER_LIMIT), errors by gRPC code and latency
+//! percentiles from an HdrHistogram; `--json` prints the same as JSON.
+//!
+//! Latency is measured from the moment a request was due: when unpaced, the moment it is sent;
+//! with `--rps`, its slot in the schedule, so a server that falls behind shows the queueing it
+//! causes (no coordinated omission).
+//!
+//! Everything is bounded: worker and connection counts are capped, every call has a timeout,
+//! and a run without `-n` or `-z` stops after 10 000 requests.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use sluice::proto::descriptor::RateLimitDescriptor;
+use sluice::proto::descriptor::rate_limit_descriptor::Entry;
+use sluice::proto::rls::RateLimitRequest;
+use sluice::proto::rls::rate_limit_response::Code;
+use sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+const MAX_CONCURRENCY: usize = 10_000;
+const MAX_CONNECTIONS: usize = 1_000;
+const DEFAULT_REQUESTS: u64 = 10_000;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-load",
+    version,
+    about = "Load generator for Envoy RLS v3 (ShouldRateLimit over gRPC)"
+)]
+struct Args {
+    /// Server address: host:port or http://host:port
+    #[arg(default_value = "127.0.0.1:8081")]
+    target: String,
+    /// Concurrent workers, each with one request in flight
+    #[arg(short = 'c', long, default_value_t = 16)]
+    concurrency: usize,
+    /// HTTP/2 connections the workers share (round robin)
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Total requests (default 10000 when -z is not given either)
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Duration of the run, e.g. 10s or 1m
+    #[arg(short = 'z', long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Target rate in requests per second over all workers (default: as fast as possible)
+    #[arg(long)]
+    rps: Option<f64>,
+    /// Rate limit domain
+    #[arg(long, default_value = "edge")]
+    domain: String,
+    /// Descriptor template, repeatable (one descriptor each): key=value pairs separated by
+    /// commas; {rand:N} in a value is replaced by a random integer below N per request
+    #[arg(long = "descriptor", short = 'd', default_value = "route=api")]
+    descriptors: Vec<String>,
+    /// The request's hits_addend (0 means 1)
+    #[arg(long, default_value_t = 0)]
+    hits_addend: u32,
+    /// Timeout of each call; a call past it counts as a DeadlineExceeded error
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    timeout: Duration,
+    /// Runtime worker threads (default: one per CPU)
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the random values (default: from the clock)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the report as JSON to stdout, or write it to PATH (the text report still prints)
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<String>,
+}
+
+/// One part of a descriptor value template.
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Rand(u64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Template {
+    entries: Vec<(String, Vec<Part>)>,
+}
+
+fn parse_value(value: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut rest = value;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Part::Text(rest[..open].to_string()));
+        }
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed '{{' in {value:?}"))?
+            + open;
+        let inner = &rest[open + 1..close];
+        let n = inner
+            .strip_prefix("rand:")
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                format!("unknown placeholder {{{inner}}} in {value:?}: write {{rand:N}}, N > 0")
+            })?;
+        parts.push(Part::Rand(n));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_string()));
+    }
+    Ok(parts)
+}
+
+fn parse_template(text: &str) -> Result<Template, String> {
+    let mut entries = Vec::new();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("descriptor {text:?}: entry {pair:?} is not key=value"))?;
+        if key.is_empty() {
+            return Err(format!("descriptor {text:?}: empty key in {pair:?}"));
+        }
+        entries.push((key.to_string(), parse_value(value)?));
+    }
+    if entries.is_empty() {
+        return Err(format!("descriptor {text:?} has no entries"));
+    }
+    Ok(Template { entries })
+}
+
+/// SplitMix64: enough randomness for picking values, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        // Multiply-shift: unbiased enough for load generation, no division.
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+fn build_request(
+    domain: &str,
+    templates: &[Template],
+    hits_addend: u32,
+    rng: &mut Rng,
+) -> RateLimitRequest {
+    let descriptors = templates
+        .iter()
+        .map(|t| RateLimitDescriptor {
+            entries: t
+                .entries
+                .iter()
+                .map(|(key, parts)| {
+                    let mut value = String::new();
+                    for part in parts {
+                        match part {
+                            Part::Text(s) => value.push_str(s),
+                            Part::Rand(n) => value.push_str(&rng.below(*n).to_string()),
+                        }
+                    }
+                    Entry {
+                        key: key.clone(),
+                        value,
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors,
+        hits_addend,
+    }
+}
+
+/// What one worker saw.
+struct Tally {
+    latency_ns: Histogram<u64>,
+    ok: u64,
+    over_limit: u64,
+    unknown_code: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            // 1 µs .. 1 h at 3 significant digits.
+            latency_ns: Histogram::new_with_bounds(1_000, 3_600_000_000_000, 3)
+                .expect("histogram bounds"),
+            ok: 0,
+            over_limit: 0,
+            unknown_code: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.latency_ns
+            .add(&other.latency_ns)
+            .expect("same histogram bounds");
+        self.ok += other.ok;
+        self.over_limit += other.over_limit;
+        self.unknown_code += other.unknown_code;
+        for (code, n) in other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+    }
+
+    fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn requests(&self) -> u64 {
+        self.ok + self.over_limit + self.unknown_code + self.error_count()
+    }
+}
+
+struct Plan {
+    domain: String,
+    templates: Vec<Template>,
+    hits_addend: u32,
+    total: Option<u64>,
+    deadline: Option<Instant>,
+    start: Instant,
+    rps: Option<f64>,
+    timeout: Duration,
+    issued: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Plan {
+    /// The index of the next request to send, or None when the run is over.
+    fn next(&self) -> Option<u64> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        let i = self.issued.fetch_add(1, Ordering::Relaxed);
+        if self.total.is_some_and(|n| i >= n) {
+            return None;
+        }
+        Some(i)
+    }
+}
+
+async fn worker(plan: Arc<Plan>, mut client: RateLimitServiceClient<Channel>, seed: u64) -> Tally {
+    let mut tally = Tally::new();
+    let mut rng = Rng(seed);
+    while let Some(i) = plan.next() {
+        let due = match plan.rps {
+            Some(rps) => {
+                let due = plan.start + Duration::from_secs_f64(i as f64 / rps);
+                if plan.deadline.is_some_and(|d| due >= d) {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
+        let request = build_request(&plan.domain, &plan.templates, plan.hits_addend, &mut rng);
+        let answer = tokio::time::timeout(plan.timeout, client.should_rate_limit(request)).await;
+        let elapsed = due.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        tally.latency_ns.saturating_record(elapsed.max(1_000));
+        match answer {
+            Ok(Ok(response)) => match Code::try_from(response.get_ref().overall_code) {
+                Ok(Code::Ok) => tally.ok += 1,
+                Ok(Code::OverLimit) => tally.over_limit += 1,
+                _ => tally.unknown_code += 1,
+            },
+            Ok(Err(status)) => {
+                plan.failed.fetch_add(1, Ordering::Relaxed);
+                *tally
+                    .errors
+                    .entry(format!("{:?}", status.code()))
+                    .or_default() += 1;
+            }
+            Err(_) => {
+                plan.failed.fetch_add(1, Ordering::Relaxed);
+                *tally
+                    .errors
+                    .entry("DeadlineExceeded".to_string())
+                    .or_default() += 1;
+            }
+        }
+        plan.done.fetch_add(1, Ordering::Relaxed);
+    }
+    tally
+}
+
+fn endpoint_uri(target: &str) -> String {
+    if target.contains("://") {
+        target.to_string()
+    } else {
+        format!("http://{target}")
+    }
+}
+
+fn validate(args: &Args) -> Result<Vec<Template>, String> {
+    if args.concurrency == 0 || args.concurrency > MAX_CONCURRENCY {
+        return Err(format!("-c must be between 1 and {MAX_CONCURRENCY}"));
+    }
+    if args.connections == 0 || args.connections > MAX_CONNECTIONS {
+        return Err(format!(
+            "--connections must be between 1 and {MAX_CONNECTIONS}"
+        ));
+    }
+    if args.connections > args.concurrency {
+        return Err("--connections cannot exceed -c (a connection without a worker idles)".into());
+    }
+    if let Some(rps) = args.rps
+        && !(rps.is_finite() && rps > 0.0)
+    {
+        return Err("--rps must be a positive number".into());
+    }
+    if args.duration.is_some_and(|d| d.is_zero()) || args.requests == Some(0) {
+        return Err("-n and -z must be positive".into());
+    }
+    args.descriptors.iter().map(|d| parse_template(d)).collect()
+}
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1_000.0).round() / 1_000.0
+}
+
+fn report_json(args: &Args, tally: &Tally, elapsed: Duration) -> serde_json::Value {
+    let h = &tally.latency_ns;
+    let requests = tally.requests();
+    let secs = elapsed.as_secs_f64();
+    json!({
+        "target": args.target,
+        "domain": args.domain,
+        "descriptors": args.descriptors,
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "target_rps": args.rps,
+        "requests": requests,
+        "duration_s": (secs * 1000.0).round() / 1000.0,
+        "throughput_rps": if secs > 0.0 { (requests as f64 / secs * 10.0).round() / 10.0 } else { 0.0 },
+        "ok": tally.ok,
+        "over_limit": tally.over_limit,
+        "unknown_code": tally.unknown_code,
+        "error_count": tally.error_count(),
+        "errors": tally.errors,
+        "latency_ms": {
+            "p50": ms(h.value_at_quantile(0.50)),
+            "p90": ms(h.value_at_quantile(0.90)),
+            "p99": ms(h.value_at_quantile(0.99)),
+            "p99_9": ms(h.value_at_quantile(0.999)),
+            "max": ms(h.max()),
+            "mean": (h.mean() / 1_000.0).round() / 1_000.0,
+        },
+    })
+}
+
+fn report_text(args: &Args, tally: &Tally, elapsed: Duration) -> String {
+    let h = &tally.latency_ns;
+    let requests = tally.requests();
+    let secs = elapsed.as_secs_f64();
+    let pace = match args.rps {
+        Some(rps) => format!("paced at {rps} req/s"),
+        None => "unpaced".to_string(),
+    };
+    let errors = if tally.errors.is_empty() {
+        "0".to_string()
+    } else {
+        let by_code: Vec<String> = tally
+            .errors
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        format!("{} ({})", tally.error_count(), by_code.join(", "))
+    };
+    format!(
+        "target      {} domain {} descriptors {}\n\
+         load        -c {} over {} connection(s), {pace}\n\
+         requests    {requests} in {secs:.2} s = {:.1} req/s\n\
+         answers     OK {}, OVER_LIMIT {}{}\n\
+         errors      {errors}\n\
+         latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})\n",
+        args.target,
+        args.domain,
+        args.descriptors.join(" | "),
+        args.concurrency,
+        args.connections,
+        if secs > 0.0 {
+            requests as f64 / secs
+        } else {
+            0.0
+        },
+        tally.ok,
+        tally.over_limit,
+        if tally.unknown_code > 0 {
+            format!(", other codes {}", tally.unknown_code)
+        } else {
+            String::new()
+        },
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.90)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max()),
+        h.mean() / 1_000_000.0,
+    )
+}
+
+async fn run(args: Args, templates: Vec<Template>) -> Result<(), String> {
+    let uri = endpoint_uri(&args.target);
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| format!("bad target {:?}: {e}", args.target))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {uri}: {e}"))?;
+        channels.push(channel);
+    }
+
+    let total = match (args.requests, args.duration) {
+        (None, None) => Some(DEFAULT_REQUESTS),
+        (n, _) => n,
+    };
+    let start = Instant::now();
+    let plan = Arc::new(Plan {
+        domain: args.domain.clone(),
+        templates,
+        hits_addend: args.hits_addend,
+        total,
+        deadline: args.duration.map(|d| start + d),
+        start,
+        rps: args.rps,
+        timeout: args.timeout,
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut seeds = Rng(seed);
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|w| {
+            let client = RateLimitServiceClient::new(channels[w % channels.len()].clone());
+            tokio::spawn(worker(plan.clone(), client, seeds.next()))
+        })
+        .collect();
+
+    // Ctrl-C ends the run early; the report covers what was sent.
+    let stopper = {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                plan.stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = 0;
+            loop {
+                tick.tick().await;
+                let done = plan.done.load(Ordering::Relaxed);
+                let failed = plan.failed.load(Ordering::Relaxed);
+                eprint!(
+                    "\r[{:>6.1} s] {done} requests, {} req/s, {failed} errors   ",
+                    plan.start.elapsed().as_secs_f64(),
+                    done - last
+                );
+                let _ = std::io::stderr().flush();
+                last = done;
+            }
+        })
+    });
+
+    let mut tally = Tally::new();
+    for w in workers {
+        tally.merge(w.await.map_err(|e| format!("worker failed: {e}"))?);
+    }
+    let elapsed = start.elapsed();
+    stopper.abort();
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+
+    match args.json.as_deref() {
+        Some("-") => println!("{}", report_json(&args, &tally, elapsed)),
+        Some(path) => {
+            let text = serde_json::to_string_pretty(&report_json(&args, &tally, elapsed))
+                .map_err(|e| e.to_string())?;
+            std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {path}: {e}"))?;
+            print!("{}", report_text(&args, &tally, elapsed));
+        }
+        None => print!("{}", report_text(&args, &tally, elapsed)),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let templates = match validate(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = args.threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, templates)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_parse() {
+        let t = parse_template("route=api,x-api-key=key-{rand:1000}").unwrap();
+        assert_eq!(
+            t.entries,
+            vec![
+                ("route".to_string(), vec![Part::Text("api".into())]),
+                (
+                    "x-api-key".to_string(),
+                    vec![Part::Text("key-".into()), Part::Rand(1000)]
+                ),
+            ]
+        );
+        assert!(parse_template("route").is_err());
+        assert!(parse_template("a={rand:0}").is_err());
+        assert!(parse_template("a={seq}").is_err());
+        assert!(parse_template("a={rand:3").is_err());
+    }
+
+    #[test]
+    fn random_values_stay_below_their_cardinality() {
+        let templates = vec![parse_template("k={rand:3}x").unwrap()];
+        let mut rng = Rng(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let r = build_request("d", &templates, 0, &mut rng);
+            seen.insert(r.descriptors[0].entries[0].value.clone());
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec!["0x".to_string(), "1x".into(), "2x".into()]
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! Hot reload of the limits directory: a new set is read and validated whole, then swapped in
+//! atomically; a set that fails keeps the old one in service (DESIGN §2 "Reload").
+//!
+//! Three triggers, because each misses cases the others catch: file events (inotify through
+//! `notify`, debounced, on the directory itself so editors that write by rename and
+//! Kubernetes' `..data` symlink swap are both seen), SIGHUP, and a periodic poll of the
+//! content hash as a safety net. The hash also makes every trigger idempotent: a set whose
+//! files did not change is not swapped.
+//!
+//! Counters survive a reload by construction: counter ids come from domain, route and rule
+//! identity, never from positions, so unchanged rules find their counts where they were.
+//! Requests in flight finish on the set they started with (they hold its `Arc`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::{ConfigErrors, load_dir};
+use crate::service::RateLimiter;
+
+/// What one reload attempt did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// Files unchanged (same content hash): nothing swapped.
+    Unchanged,
+    /// A new set is in service.
+    Reloaded { domains: usize, hash: String },
+    /// The new set is invalid; the old one stays in service.
+    Failed(ConfigErrors),
+}
+
+#[derive(Clone)]
+pub struct Reloader {
+    dir: PathBuf,
+    limiter: Arc<RateLimiter>,
+}
+
+/// How long file events are gathered before one reload (editors write several events).
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+impl Reloader {
+    pub fn new(dir: &Path, limiter: Arc<RateLimiter>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            limiter,
+        }
+    }
+
+    /// Reads the directory and swaps the set in if it is valid and different.
+    pub fn reload(&self) -> ReloadOutcome {
+        let metrics = self.limiter.metrics();
+        let now = self.limiter.clock().now_ms();
+        match load_dir(&self.dir) {
+            Ok(mut set) => {
+                if set.content_hash == self.limiter.limits().content_hash {
+                    return ReloadOutcome::Unchanged;
+                }
+                set.loaded_at_ms = now;
+                let domains = set.domains.len();
+                let hash = set.content_hash.clone();
+                self.limiter.replace_limits(set);
+                metrics.config_loaded(true, now as f64 / 1000.0);
+                info!(dir = %self.dir.display(), domains, hash = %hash, "limits reloaded");
+                ReloadOutcome::Reloaded { domains, hash }
+            }
+            Err(errors) => {
+                metrics.config_loaded(false, now as f64 / 1000.0);
+                for e in &errors.0 {
+                    error!(
+                        file = %e.file.display(),
+                        line = e.line.unwrap_or(0),
+                        error = %e,
+                        "limits reload failed; the previous limits stay in service"
+                    );
+                }
+                ReloadOutcome::Failed(errors)
+            }
+        }
+    }
+
+    /// Watches for changes until `stop` turns true.
+    pub fn spawn(self, poll_every: Duration, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let (tx, mut events) = mpsc::channel::<()>(16);
+            // The watcher lives as long as this task; its callback runs on notify's thread.
+            let _watcher = match watch_dir(&self.dir, tx) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(dir = %self.dir.display(), error = %e, "cannot watch the limits directory; relying on SIGHUP and polling");
+                    None
+                }
+            };
+            let mut hangup = hangup_signal();
+            let mut poll = tokio::time::interval(poll_every);
+            poll.tick().await;
+            loop {
+                tokio::select! {
+                    // The guard `wait_for` returns is dropped inside, so the task stays Send.
+                    _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return,
+                    Some(()) = events.recv() => {
+                        // Gather the burst of events an editor or a ConfigMap update makes.
+                        tokio::time::sleep(DEBOUNCE).await;
+                        while events.try_recv().is_ok() {}
+                    }
+                    Some(()) = recv_hangup(&mut hangup) => info!("SIGHUP: reloading limits"),
+                    _ = poll.tick() => {}
+                }
+                let this = self.clone();
+                // Reading and parsing files is blocking work: keep it off the async workers.
+                let _ = tokio::task::spawn_blocking(move || this.reload()).await;
+            }
+        })
+    }
+}
+
+fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // Full channel: a reload is already pending, which is all that matters.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {
+    None
+}
+
+#[cfg(unix)]
+async fn recv_hangup(hangup: &mut Hangup) -> Option<()> {
+    match hangup {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn recv_hangup(_: &mut Hangup) -> Option<()> {
+    std::future::pending().await
+}

@@ -1,0 +1,389 @@
+//! Redis outages seen from Envoy's side, black-box: the real `sluice` binary (backend redis)
+//! under a steady load while its `redis-server` is killed (SIGKILL) and restarted on the same
+//! port, or frozen (SIGSTOP) and thawed (SIGCONT).
+//!
+//! DESIGN §3 "Fallback": no request waits for a dead store and none fails (route `fallback:
+//! local`, `timeout: 20ms`), and counting goes back to Redis once it answers again. Then each
+//! other fallback mode answers as specified while Redis is down.
+//!
+//! Real time is unavoidable here (processes and signals). Each outage run lasts 20 s; the
+//! tests run in parallel on their own ports, so the file takes about 25 s.
+
+mod resilience_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use resilience_support::{RedisServer, SluiceProcess};
+use support::{Code, RateLimitRequest, RateLimitServiceClient, desc, metadata, request};
+use tonic::transport::Channel;
+
+const LIMITS: &str = r#"
+domain: outage
+defaults:
+  timeout: 20ms
+routes:
+  # Never over in these tests, so every answer says where it was counted.
+  - name: steady
+    fallback: local
+    global_threshold: { query_per_second: 1000000 }
+  - name: allow
+    fallback: allow
+    global_threshold: { query_per_minute: 1000000 }
+  - name: deny
+    fallback: deny
+    global_threshold: { query_per_minute: 1000000 }
+  - name: error
+    fallback: error
+    global_threshold: { query_per_minute: 1000000 }
+"#;
+
+/// The acceptance bounds.
+const MAX_LATENCY: Duration = Duration::from_millis(50);
+const BACK_WITHIN: Duration = Duration::from_secs(2);
+
+/// The schedule of one outage run.
+const OUTAGE_AT: Duration = Duration::from_secs(5);
+const BACK_AT: Duration = Duration::from_secs(12);
+const RUN_FOR: Duration = Duration::from_secs(20);
+/// Load: `WORKERS` tasks, each sending one request every `EVERY`: one request per 5 ms.
+const WORKERS: u32 = 4;
+const EVERY: Duration = Duration::from_millis(20);
+
+fn ask(route: &str) -> RateLimitRequest {
+    request("outage", vec![desc(&[("route", route)])])
+}
+
+/// Starts Redis and the binary serving [`LIMITS`] from it; `None` when Redis is not installed.
+fn setup() -> Option<(RedisServer, SluiceProcess, tempfile::TempDir)> {
+    let redis = RedisServer::start()?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("outage.yaml"), LIMITS).expect("write limits");
+    let url = redis.url();
+    let sluice = SluiceProcess::spawn(
+        dir.path(),
+        &[("SLUICE_BACKEND", "redis"), ("SLUICE_REDIS_URL", &url)],
+    );
+    Some((redis, sluice, dir))
+}
+
+async fn client(sluice: &SluiceProcess) -> RateLimitServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", sluice.grpc_addr))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to sluice: {e}\n{}", sluice.output()));
+    RateLimitServiceClient::new(channel)
+}
+
+/// Waits (at most 15 s) until `route` is answered from Redis.
+async fn until_counted_in_redis(
+    client: &mut RateLimitServiceClient<Channel>,
+    sluice: &SluiceProcess,
+    route: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match client.should_rate_limit(ask(route)).await {
+            Ok(r) if metadata(r.get_ref(), "source") == Some("redis") => return,
+            other => last = format!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "route {route} was not counted in Redis within 15 s; last answer {last}\n{}",
+        sluice.output()
+    );
+}
+
+/// One request of the load: when it was sent (from the run's start), how long it took, and
+/// the answer's source or the gRPC error.
+#[derive(Debug, Clone)]
+struct Sample {
+    sent: Duration,
+    took: Duration,
+    answer: Result<String, String>,
+}
+
+impl Sample {
+    fn answered(&self) -> Duration {
+        self.sent + self.took
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    /// SIGKILL, then a new redis-server on the same port.
+    Kill,
+    /// SIGSTOP, then SIGCONT: Redis hangs instead of dying.
+    Freeze,
+}
+
+/// Runs the steady load for [`RUN_FOR`], with Redis down from [`OUTAGE_AT`] to [`BACK_AT`];
+/// returns the samples and when (from the start) Redis answered again.
+async fn run_outage(outage: Outage) {
+    let Some((mut redis, sluice, _dir)) = setup() else {
+        return;
+    };
+    let mut warm = client(&sluice).await;
+    until_counted_in_redis(&mut warm, &sluice, "steady").await;
+
+    let start = tokio::time::Instant::now();
+    let end = start + RUN_FOR;
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|k| {
+            // One HTTP/2 connection shared by every task, as Envoy multiplexes its calls.
+            let mut client = warm.clone();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let first = start + EVERY / WORKERS * k;
+                let mut tick = tokio::time::interval_at(first, EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // Bounded twice: by time and by count.
+                let most = (RUN_FOR.as_millis() / EVERY.as_millis()) as usize + 10;
+                for _ in 0..most {
+                    tick.tick().await;
+                    if tokio::time::Instant::now() >= end {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.should_rate_limit(ask("steady")),
+                    )
+                    .await;
+                    let took = sent.elapsed();
+                    let answer = match answer {
+                        Ok(Ok(r)) => Ok(metadata(r.get_ref(), "source").unwrap_or("").to_string()),
+                        Ok(Err(status)) => {
+                            Err(format!("{:?}: {}", status.code(), status.message()))
+                        }
+                        Err(_) => Err("no answer within 2 s".to_string()),
+                    };
+                    samples.push(Sample {
+                        sent: sent.duration_since(start.into_std()),
+                        took,
+                        answer,
+                    });
+                }
+                samples
+            })
+        })
+        .collect();
+
+    tokio::time::sleep_until(start + OUTAGE_AT).await;
+    let down_at = start.elapsed();
+    tokio::task::block_in_place(|| match outage {
+        Outage::Kill => redis.kill9(),
+        Outage::Freeze => redis.stop(),
+    });
+    tokio::time::sleep_until(start + BACK_AT).await;
+    tokio::task::block_in_place(|| match outage {
+        Outage::Kill => redis.restart(),
+        Outage::Freeze => redis.cont(),
+    });
+    // Redis answers PING from here on.
+    let back_at = start.elapsed();
+
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await.expect("load task"));
+    }
+    samples.sort_by_key(|s| s.sent);
+    check(outage, &samples, down_at, back_at, &sluice);
+}
+
+fn check(
+    outage: Outage,
+    samples: &[Sample],
+    down_at: Duration,
+    back_at: Duration,
+    sluice: &SluiceProcess,
+) {
+    let expected = (RUN_FOR.as_millis() / EVERY.as_millis()) as usize * WORKERS as usize;
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.took).collect();
+    latencies.sort();
+    let max = latencies.last().copied().unwrap_or_default();
+    let p99 = latencies
+        .get(latencies.len() * 99 / 100)
+        .copied()
+        .unwrap_or_default();
+    let phase_max = |from: Duration, to: Duration| {
+        samples
+            .iter()
+            .filter(|s| s.sent >= from && s.sent < to)
+            .map(|s| s.took)
+            .max()
+            .unwrap_or_default()
+    };
+    let back_in_redis = samples
+        .iter()
+        .find(|s| s.sent >= back_at && s.answer.as_deref() == Ok("redis"))
+        .map(|s| s.answered().saturating_sub(back_at));
+    println!(
+        "{outage:?}: {} requests (of ~{expected} scheduled), Redis down at {down_at:?}, back at \
+         {back_at:?}; latency max {max:?} (p99 {p99:?}; max before {:?}, during {:?}, after \
+         {:?}); counted in Redis again {back_in_redis:?} after it was back",
+        samples.len(),
+        phase_max(Duration::ZERO, down_at),
+        phase_max(down_at, back_at),
+        phase_max(back_at, RUN_FOR),
+    );
+
+    assert!(
+        samples.len() >= expected / 2,
+        "{outage:?}: the load ran: {} requests of ~{expected}",
+        samples.len()
+    );
+    let errors: Vec<&Sample> = samples.iter().filter(|s| s.answer.is_err()).collect();
+    assert!(
+        errors.is_empty(),
+        "{outage:?}: {} requests got a gRPC error instead of an answer, first ones: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        sluice.output()
+    );
+    let slow: Vec<&Sample> = samples.iter().filter(|s| s.took >= MAX_LATENCY).collect();
+    assert!(
+        slow.is_empty(),
+        "{outage:?}: {} requests took {MAX_LATENCY:?} or more (max {max:?}), first ones: {:?}",
+        slow.len(),
+        &slow[..slow.len().min(10)]
+    );
+    // The scenario did what it says: Redis before, the fallback while Redis was down.
+    let wrong_before: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.answered() < down_at && s.answer.as_deref() != Ok("redis"))
+        .collect();
+    assert!(
+        wrong_before.is_empty(),
+        "{outage:?}: before the outage every answer comes from Redis: {:?}",
+        &wrong_before[..wrong_before.len().min(5)]
+    );
+    let wrong_during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            s.sent >= down_at + Duration::from_secs(1)
+                && s.answered() < back_at
+                && s.answer.as_deref() != Ok("fallback")
+        })
+        .collect();
+    assert!(
+        wrong_during.is_empty(),
+        "{outage:?}: while Redis is down the fallback answers: {:?}",
+        &wrong_during[..wrong_during.len().min(5)]
+    );
+    let back = back_in_redis.unwrap_or_else(|| {
+        panic!(
+            "{outage:?}: counting never went back to Redis in the {:?} after it was back\n{}",
+            RUN_FOR.saturating_sub(back_at),
+            sluice.output()
+        )
+    });
+    assert!(
+        back <= BACK_WITHIN,
+        "{outage:?}: counting went back to Redis {back:?} after Redis was back, more than \
+         {BACK_WITHIN:?}"
+    );
+    // And it stays there.
+    let settled = back_at + back + Duration::from_millis(500);
+    let stray: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.sent >= settled && s.answer.as_deref() != Ok("redis"))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{outage:?}: once back, counting stays in Redis: {:?}",
+        &stray[..stray.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_no_request_fails_or_waits() {
+    run_outage(Outage::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_and_thawed_under_load_no_request_fails_or_waits() {
+    run_outage(Outage::Freeze).await;
+}
+
+/// While Redis is down, `allow` answers OK, `deny` OVER_LIMIT (both from `fallback`), and
+/// `error` fails the call with UNAVAILABLE so Envoy's `failure_mode_deny` decides. Checked
+/// right after the kill (breaker still closed) and once the breaker is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_each_fallback_mode_answers_as_configured() {
+    let Some((mut redis, sluice, _dir)) = setup() else {
+        return;
+    };
+    let mut client = client(&sluice).await;
+    for route in ["allow", "deny", "error"] {
+        until_counted_in_redis(&mut client, &sluice, route).await;
+    }
+    redis.kill9();
+    let mut slowest = Duration::ZERO;
+    for round in 0..2 {
+        if round == 1 {
+            // Past the failure threshold and a few probe intervals: the breaker is open.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        for i in 0..5 {
+            let when = format!("round {round}, request {i}");
+            let started = Instant::now();
+            let allow = client.should_rate_limit(ask("allow")).await;
+            let deny = client.should_rate_limit(ask("deny")).await;
+            let error = client.should_rate_limit(ask("error")).await;
+            slowest = slowest.max(started.elapsed() / 3);
+
+            let allow = allow
+                .unwrap_or_else(|s| panic!("allow ({when}) must be answered: {s:?}"))
+                .into_inner();
+            assert_eq!(
+                allow.overall_code,
+                Code::Ok as i32,
+                "allow ({when}): {allow:?}"
+            );
+            assert_eq!(
+                allow.statuses[0].code,
+                Code::Ok as i32,
+                "allow ({when}): {allow:?}"
+            );
+            assert_eq!(
+                metadata(&allow, "source"),
+                Some("fallback"),
+                "allow ({when}): {allow:?}"
+            );
+
+            let deny = deny
+                .unwrap_or_else(|s| panic!("deny ({when}) must be answered: {s:?}"))
+                .into_inner();
+            assert_eq!(
+                deny.overall_code,
+                Code::OverLimit as i32,
+                "deny ({when}): {deny:?}"
+            );
+            assert_eq!(
+                (deny.statuses[0].code, deny.statuses[0].limit_remaining),
+                (Code::OverLimit as i32, 0),
+                "deny ({when}): {deny:?}"
+            );
+            assert_eq!(
+                metadata(&deny, "source"),
+                Some("fallback"),
+                "deny ({when}): {deny:?}"
+            );
+
+            match error {
+                Err(status) => assert_eq!(
+                    status.code(),
+                    tonic::Code::Unavailable,
+                    "error ({when}): {status:?}"
+                ),
+                Ok(r) => panic!("error ({when}) must fail with UNAVAILABLE, got {r:?}"),
+            }
+        }
+    }
+    println!("fallback modes with Redis down: slowest answer {slowest:?} (mean of the three)");
+}
