@@ -8,28 +8,40 @@ use std::path::PathBuf;
 use crate::config::{RouteLimits, load_paths};
 
 /// Validates `paths` (files or directories), writes every error or a one-line summary per
-/// domain to `out`, and returns whether everything was valid.
+/// domain to `out` (naming the file's format: native `sluice` or `envoyproxy/ratelimit`), and
+/// returns whether everything was valid.
 pub fn check(paths: &[PathBuf], out: &mut dyn Write) -> std::io::Result<bool> {
     match load_paths(paths) {
         Ok(set) => {
             let mut domains: Vec<_> = set.domains.values().collect();
             domains.sort_by(|a, b| a.name.cmp(&b.name));
             for d in &domains {
-                let rules: usize = d
-                    .routes
-                    .values()
-                    .map(|r| match r.limits.as_ref() {
-                        RouteLimits::Global(_) => 1,
-                        RouteLimits::Items(items) => items.iter().map(|i| i.keys.len()).sum(),
-                    })
-                    .sum();
+                let counts = match &d.compat {
+                    Some(tree) => {
+                        let nodes = tree.nodes();
+                        let limits = nodes.iter().filter(|n| n.limit.is_some()).count();
+                        format!("{} descriptors, {limits} limits", nodes.len())
+                    }
+                    None => {
+                        let rules: usize = d
+                            .routes
+                            .values()
+                            .map(|r| match r.limits.as_ref() {
+                                RouteLimits::Global(_) => 1,
+                                RouteLimits::Items(items) => {
+                                    items.iter().map(|i| i.keys.len()).sum()
+                                }
+                            })
+                            .sum();
+                        format!("{} routes, {rules} rules", d.routes.len())
+                    }
+                };
                 writeln!(
                     out,
-                    "ok: domain \"{}\" ({}): {} routes, {} rules",
+                    "ok: domain \"{}\" ({}): {} format, {counts}",
                     d.name,
                     d.file.display(),
-                    d.routes.len(),
-                    rules
+                    d.format(),
                 )?;
             }
             if domains.is_empty() {

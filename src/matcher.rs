@@ -1,5 +1,7 @@
 //! Descriptors to counters: which route a descriptor names, which rule of it applies, and the
-//! counter id and threshold that result (DESIGN §2, "Order" and "Limit keys").
+//! counter id and threshold that result (DESIGN §2, "Order" and "Limit keys"). Domains read
+//! from the envoyproxy/ratelimit format are matched by [`crate::config::envoy_compat`]
+//! instead, which returns the same [`Matched`].
 //!
 //! Knows the limits model and Envoy's descriptor shape; knows nothing about stores, time or
 //! responses. Request values are untrusted: they reach a counter id only through
@@ -20,14 +22,51 @@ pub const MAX_PLAIN_COMPONENT: usize = 64;
 /// What a descriptor resolved to.
 #[derive(Debug)]
 pub struct Matched<'a> {
-    /// The route named by the descriptor; `None` only for an override on no known route.
+    /// The route named by the descriptor; `None` for an override on no known route and in
+    /// envoyproxy/ratelimit domains.
     pub route: Option<&'a Route>,
-    /// The rule's display name (`current_limit.name` is `route/rule`).
+    /// In an envoyproxy/ratelimit domain, the descriptor path (`key=value/key2`) of the node
+    /// whose limit applies: the route label of metrics and `dynamic_metadata`.
+    pub path: Option<&'a str>,
+    /// The rule's display name (`current_limit.name` is `route/rule`, or `rule` without a
+    /// route).
     pub rule: &'a str,
     pub threshold: Threshold,
     /// Counter id: domain, route, rule identity and (per-value rules) the value, each made
-    /// safe by [`push_component`] and joined by `:`.
+    /// safe by [`push_component`] and joined by `:`. Empty for an unlimited match.
     pub counter: String,
+    /// Counted and reported, but answered OK: the route's `shadow_mode`, or the
+    /// envoyproxy/ratelimit descriptor's.
+    pub shadow: bool,
+    /// envoyproxy/ratelimit `rate_limit.name`: another limit of the same request whose
+    /// `replaces` names it takes its place.
+    pub limit_name: Option<&'a str>,
+    /// envoyproxy/ratelimit `rate_limit.replaces`: the names of limits this one replaces.
+    pub replaces: &'a [String],
+    /// envoyproxy/ratelimit `unlimited: true`: OK without counting.
+    pub unlimited: bool,
+}
+
+impl<'a> Matched<'a> {
+    /// A match of a native route (or of an override on none).
+    fn native(
+        route: Option<&'a Route>,
+        rule: &'a str,
+        threshold: Threshold,
+        counter: String,
+    ) -> Self {
+        Self {
+            route,
+            path: None,
+            rule,
+            threshold,
+            counter,
+            shadow: route.is_some_and(|r| r.settings.shadow_mode.value),
+            limit_name: None,
+            replaces: &[],
+            unlimited: false,
+        }
+    }
 }
 
 /// Rule name reported for a limit that came from the request rather than the config.
@@ -39,12 +78,20 @@ pub fn match_descriptor<'a>(
     descriptor: &RateLimitDescriptor,
 ) -> Option<Matched<'a>> {
     let entries = &descriptor.entries;
-    let route = find(entries, &domain.route_key).and_then(|name| domain.routes.get(name));
     let override_threshold = descriptor
         .limit
         .as_ref()
         .filter(|_| domain.allow_limit_override)
         .and_then(override_threshold);
+    if let Some(tree) = &domain.compat {
+        // As envoyproxy/ratelimit: a request-side limit wins over the tree, on a counter of
+        // the domain and the entries, whatever the tree says (no shadow mode, no replaces).
+        return match override_threshold {
+            Some(threshold) => Some(override_match(domain, None, entries, threshold)),
+            None => crate::config::envoy_compat::match_entries(domain, tree, entries),
+        };
+    }
+    let route = find(entries, &domain.route_key).and_then(|name| domain.routes.get(name));
 
     let found = route.and_then(|route| match_route(domain, route, entries));
     match (found, override_threshold) {
@@ -59,34 +106,36 @@ pub fn match_descriptor<'a>(
             Some(matched)
         }
         (Some(matched), None) => Some(matched),
-        (None, Some(threshold)) => {
-            // As envoyproxy/ratelimit: an override that matched no rule limits a counter
-            // keyed by the domain and every entry of the descriptor.
-            let mut counter = String::with_capacity(96);
-            push_component(&mut counter, &domain.name);
-            counter.push_str(":override:");
-            let mut hasher = blake3::Hasher::new();
-            for e in entries {
-                for part in [&e.key, &e.value] {
-                    hasher.update(&(part.len() as u64).to_le_bytes());
-                    hasher.update(part.as_bytes());
-                }
-            }
-            let _ = write!(
-                counter,
-                "{}:o{}",
-                &hasher.finalize().to_hex()[..32],
-                threshold.period_ms() / 1000
-            );
-            Some(Matched {
-                route,
-                rule: OVERRIDE_RULE,
-                threshold,
-                counter,
-            })
-        }
+        (None, Some(threshold)) => Some(override_match(domain, route, entries, threshold)),
         (None, None) => None,
     }
+}
+
+/// As envoyproxy/ratelimit: an override that matched no rule limits a counter keyed by the
+/// domain and every entry of the descriptor.
+fn override_match<'a>(
+    domain: &'a Domain,
+    route: Option<&'a Route>,
+    entries: &[Entry],
+    threshold: Threshold,
+) -> Matched<'a> {
+    let mut counter = String::with_capacity(96);
+    push_component(&mut counter, &domain.name);
+    counter.push_str(":override:");
+    let mut hasher = blake3::Hasher::new();
+    for e in entries {
+        for part in [&e.key, &e.value] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    let _ = write!(
+        counter,
+        "{}:o{}",
+        &hasher.finalize().to_hex()[..32],
+        threshold.period_ms() / 1000
+    );
+    Matched::native(route, OVERRIDE_RULE, threshold, counter)
 }
 
 fn match_route<'a>(domain: &'a Domain, route: &'a Route, entries: &[Entry]) -> Option<Matched<'a>> {
@@ -104,12 +153,12 @@ fn match_route<'a>(domain: &'a Domain, route: &'a Route, entries: &[Entry]) -> O
         counter
     };
     match route.limits.as_ref() {
-        RouteLimits::Global(rule) => Some(Matched {
-            route: Some(route),
-            rule: &rule.name,
-            threshold: rule.threshold,
-            counter: counter_for(&rule.id, None),
-        }),
+        RouteLimits::Global(rule) => Some(Matched::native(
+            Some(route),
+            &rule.name,
+            rule.threshold,
+            counter_for(&rule.id, None),
+        )),
         RouteLimits::Items(items) => items.iter().find_map(|item| {
             let (key, value, ip) = match_item(item, entries)?;
             let rule = &key.rule;
@@ -124,12 +173,12 @@ fn match_route<'a>(domain: &'a Domain, route: &'a Route, entries: &[Entry]) -> O
                 }
                 (true, None) => Some(value),
             };
-            Some(Matched {
-                route: Some(route),
-                rule: &rule.name,
-                threshold: rule.threshold,
-                counter: counter_for(&rule.id, per_value),
-            })
+            Some(Matched::native(
+                Some(route),
+                &rule.name,
+                rule.threshold,
+                counter_for(&rule.id, per_value),
+            ))
         }),
     }
 }

@@ -151,7 +151,8 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let limiter = Arc::new(
         RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
             .with_metrics(metrics)
-            .with_max_in_flight(settings.max_in_flight),
+            .with_max_in_flight(settings.max_in_flight)
+            .with_shadow_mode(settings.shadow_mode),
     );
 
     let sweep_every = settings.sweep_interval();

@@ -28,12 +28,36 @@ const KNOWN_EXAMPLES: &[(&str, &str)] = &[
         "limits_examples_load_and_define_the_documented_routes",
     ),
     (
+        "config/limits-envoy/ratelimit.yaml",
+        "envoyproxy_ratelimit_example_loads_in_that_format_as_its_comments_say",
+    ),
+    (
         "config/envoy/envoy.yaml",
         "envoy_example_asks_the_edge_domain_for_its_routes",
     ),
     (
         "config/prometheus/prometheus.yml",
         "tests/dashboard.rs: prometheus_example_scrapes_sluice_metrics_on_the_http_port",
+    ),
+    (
+        "config/kubernetes/deployment.yaml",
+        "tests/deploy.rs: deployment_ports_probes_env_and_mounts_match_the_code",
+    ),
+    (
+        "config/kubernetes/service.yaml",
+        "tests/deploy.rs: service_and_envoy_snippet_point_at_the_grpc_port",
+    ),
+    (
+        "config/kubernetes/envoy-snippet.yaml",
+        "tests/deploy.rs: service_and_envoy_snippet_point_at_the_grpc_port",
+    ),
+    (
+        "config/kubernetes/configmap.yaml",
+        "tests/deploy.rs: configmap_limits_load_and_match_the_example",
+    ),
+    (
+        "config/kubernetes/redis.yaml",
+        "tests/deploy.rs: deployment_ports_probes_env_and_mounts_match_the_code",
     ),
 ];
 
@@ -102,6 +126,77 @@ fn limits_examples_load_and_define_the_documented_routes() {
             );
         }
     }
+}
+
+#[test]
+fn envoyproxy_ratelimit_example_loads_in_that_format_as_its_comments_say() {
+    let dir = repo().join("config/limits-envoy");
+    let set = match load_dir(&dir) {
+        Ok(set) => set,
+        Err(errors) => panic!("config/limits-envoy does not load:\n{errors}"),
+    };
+    let domains: Vec<&str> = set.domains.keys().map(String::as_str).collect();
+    assert_eq!(domains, ["ratelimit"]);
+    let domain = set.domain("ratelimit").unwrap();
+    assert_eq!(domain.format(), "envoyproxy/ratelimit");
+    assert!(domain.routes.is_empty());
+    let tree = domain.compat.as_ref().expect("a descriptor tree");
+    // Per descriptor path: the rate (`None` for unlimited), shadow_mode, share_threshold and
+    // replaces.
+    type Shown<'a> = (Option<Threshold>, bool, bool, Vec<&'a str>);
+    let limits: BTreeMap<&str, Shown<'_>> = tree
+        .nodes()
+        .into_iter()
+        .filter_map(|n| {
+            let limit = n.limit.as_ref()?;
+            Some((
+                n.path.as_str(),
+                (
+                    limit.threshold,
+                    n.shadow_mode,
+                    n.share_threshold,
+                    limit.replaces.iter().map(String::as_str).collect(),
+                ),
+            ))
+        })
+        .collect();
+    let plain = |limit, unit| (Some(Threshold::new(limit, unit)), false, false, vec![]);
+    let expected: BTreeMap<&str, Shown<'_>> = [
+        ("database=users", plain(500, Unit::Second)),
+        ("database=default", plain(500, Unit::Second)),
+        ("message_type=marketing/to_number", plain(5, Unit::Day)),
+        ("to_number", plain(100, Unit::Day)),
+        ("remote_address", plain(10, Unit::Second)),
+        ("remote_address=50.0.0.5", plain(0, Unit::Second)),
+        ("ldap", (None, false, false, vec![])),
+        (
+            "service/user=user-a",
+            (Some(Threshold::new(10, Unit::Second)), true, false, vec![]),
+        ),
+        ("service/user=user-b", plain(20, Unit::Second)),
+        (
+            "path=/files/*",
+            (Some(Threshold::new(1000, Unit::Hour)), false, true, vec![]),
+        ),
+        ("user", plain(60, Unit::Minute)),
+        (
+            "plan=enterprise/user",
+            (
+                Some(Threshold::new(600, Unit::Minute)),
+                false,
+                false,
+                vec!["per_user"],
+            ),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(limits, expected);
+    let per_user = tree.nodes().into_iter().find(|n| n.path == "user").unwrap();
+    assert_eq!(
+        per_user.limit.as_ref().unwrap().name.as_deref(),
+        Some("per_user")
+    );
 }
 
 #[test]

@@ -149,6 +149,28 @@ async fn a_huge_hits_addend_is_answered_like_memory() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// A period longer than the time since the epoch (only a request override with a huge
+/// `unit_multiplier` gets there; periods are capped at 100 years) puts the window at 0, where
+/// "the window before" cannot be computed by subtraction. Every algorithm must still answer
+/// as memory does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_longer_than_the_epoch_answers_like_memory() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = connect(&redis.url()).await;
+    let scenario = capped_period_scenario();
+    let mut failures = Vec::new();
+    for algorithm in ALGORITHMS {
+        let prefix = format!("capped:{}", algorithm.as_str());
+        if let Err(e) = check_scenario(&store, &scenario, algorithm, &prefix).await {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 // ----- one round trip -----
 
 /// Test limits: a generous store budget (the gate below may hold replies for seconds) and no
@@ -635,9 +657,20 @@ routes:
     global_threshold: { query_per_minute: 2 }
 "#;
 
+/// Whether `/metrics` shows the fallback as active (`sluice_fallback_active 1`) or not.
+async fn fallback_gauge(http: std::net::SocketAddr) -> Option<bool> {
+    let (_, metrics) = http_get(http, "/metrics").await;
+    metrics.lines().find_map(|line| match line {
+        "sluice_fallback_active 1" => Some(true),
+        "sluice_fallback_active 0" => Some(false),
+        _ => None,
+    })
+}
+
 /// Redis down when sluice starts: the server starts at once (no hang), `/readyz` names the
-/// unreachable Redis, requests are answered by the fallback; once Redis listens on that port,
-/// sluice reconnects by itself (bounded wait) and counts in Redis again.
+/// unreachable Redis, `/metrics` shows the fallback active, requests are answered by the
+/// fallback; once Redis listens on that port, sluice reconnects by itself (bounded wait:
+/// 15 s) and counts in Redis again.
 ///
 /// `/readyz` answers 200 while the fallback is active, by a documented choice of
 /// `service/http.rs` (taking every replica out of rotation when the shared Redis fails would
@@ -662,6 +695,8 @@ async fn unreachable_at_startup_is_reported_until_redis_comes() {
     .expect("the server must start without waiting for Redis");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(5), "start took {took:?}");
+    // Problems that do not stop the test, reported together at the end.
+    let mut problems: Vec<String> = Vec::new();
 
     let http = sluice.handle().http_addr;
     let (code, body) = http_get(http, "/readyz").await;
@@ -673,6 +708,11 @@ async fn unreachable_at_startup_is_reported_until_redis_comes() {
         code == 503 || (code == 200 && body.contains("fallback active")),
         "/readyz: {code} {body}"
     );
+    if fallback_gauge(http).await != Some(true) {
+        problems.push(format!(
+            "/metrics does not show sluice_fallback_active 1 while the fallback answers (/readyz: {body:?})"
+        ));
+    }
 
     let expected = limit(2, ProtoUnit::Minute, "r/global");
     let now = sluice.now();
@@ -691,16 +731,17 @@ async fn unreachable_at_startup_is_reported_until_redis_comes() {
         let (code, body) = http_get(http, "/readyz").await;
         // Ready with Redis reachable, and the breaker closed again (its probe answered), so
         // the next request goes to Redis.
-        let (_, metrics) = http_get(http, "/metrics").await;
-        let breaker_closed = metrics.lines().any(|l| l == "sluice_fallback_active 0");
-        if code == 200 && body.contains("reachable") && !body.contains("fallback") && breaker_closed
-        {
+        let closed = fallback_gauge(http).await == Some(false);
+        if code == 200 && body.contains("reachable") && !body.contains("fallback") && closed {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still says {code} {body:?} 15 s after Redis came up (breaker closed: {breaker_closed})"
-        );
+        if Instant::now() >= deadline {
+            problems.push(format!(
+                "15 s after Redis came up on port {port}, /readyz still says {code} {body:?} \
+                 (fallback gauge 0: {closed}); sluice never reconnected"
+            ));
+            panic!("{}", problems.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("ready {:?} after Redis came up", came.elapsed());
@@ -718,4 +759,5 @@ async fn unreachable_at_startup_is_reported_until_redis_comes() {
     let keys = redis.keys(0, "sluice:*");
     assert_eq!(keys.len(), 1, "{keys:?}");
     sluice.stop().await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

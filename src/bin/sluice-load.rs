@@ -9,8 +9,10 @@
 //! percentiles from an HdrHistogram; `--json` prints the same as JSON.
 //!
 //! Latency is measured from the moment a request was due: when unpaced, the moment it is sent;
-//! with `--rps`, its slot in the schedule, so a server that falls behind shows the queueing it
-//! causes (no coordinated omission).
+//! with `--rps`, its slot in the schedule when the worker is late for it, so a server that
+//! falls behind shows the queueing it causes (no coordinated omission). A worker early for its
+//! slot sleeps and starts the clock when it sends (the timer's own lateness is not the
+//! server's).
 //!
 //! Everything is bounded: worker and connection counts are capped, every call has a timeout,
 //! and a run without `-n` or `-z` stops after 10 000 requests.
@@ -281,8 +283,17 @@ async fn worker(plan: Arc<Plan>, mut client: RateLimitServiceClient<Channel>, se
                 if plan.deadline.is_some_and(|d| due >= d) {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
-                due
+                if due > Instant::now() {
+                    // Ahead of schedule: wait for the slot. Tokio's timer wakes up to a
+                    // millisecond late; that delay is ours, not the server's, so the clock
+                    // starts when the request actually leaves.
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                } else {
+                    // Behind schedule: the server kept this worker busy past the slot, and
+                    // the wait counts (no coordinated omission).
+                    due
+                }
             }
             None => Instant::now(),
         };

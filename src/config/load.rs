@@ -168,10 +168,14 @@ fn file_error(file: &Path, message: String) -> ConfigError {
     }
 }
 
-/// Parses and validates one native limits file, reporting every problem it can find: unknown
+/// Parses and validates one limits file, reporting every problem it can find: unknown
 /// fields do not stop the parse (they are collected with their path), so a typo never hides
-/// the file's other errors.
+/// the file's other errors. A file whose top level has `descriptors:` is in the
+/// envoyproxy/ratelimit format and is read by [`super::envoy_compat`]; any other is native.
 pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
+    if super::envoy_compat::is_envoy_format(text) {
+        return super::envoy_compat::parse_file(file, text);
+    }
     let mut unknown = Vec::new();
     let parsed: Result<LimitsFile, _> = serde_saphyr::with_deserializer_from_str(text, |de| {
         serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
@@ -249,7 +253,7 @@ pub(crate) fn find_key_line(
 
 /// Turns a YAML/serde error into a [`ConfigError`], finding the route it is in through a
 /// lenient second parse, and adding the fix for the common case of an unknown field.
-fn parse_error(file: &Path, text: &str, err: &serde_saphyr::Error) -> ConfigError {
+pub(crate) fn parse_error(file: &Path, text: &str, err: &serde_saphyr::Error) -> ConfigError {
     let line = err.location().map(|l| l.line());
     let full = err.to_string();
     // The first line is serde's message; the rest is a rendering of the source we replace
@@ -537,6 +541,7 @@ impl<'a> FileContext<'a> {
             route_key,
             allow_limit_override: raw.allow_limit_override.unwrap_or(true),
             routes,
+            compat: None,
         })
     }
 

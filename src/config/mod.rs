@@ -1,8 +1,10 @@
 //! Configuration: the server settings (`settings`) and the limits (`schema` as written,
-//! `model` as served, `load` in between).
+//! `model` as served, `load` in between; `envoy_compat` for files in the envoyproxy/ratelimit
+//! format).
 //!
 //! Nothing here touches a request; the matcher reads the [`model`] types.
 
+pub mod envoy_compat;
 pub mod load;
 pub mod model;
 pub mod reload;

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::Serialize;
 
+pub use super::envoy_compat::CompatTree;
 use crate::limiter::{Algorithm, FallbackMode, Threshold};
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
@@ -40,6 +41,21 @@ pub struct Domain {
     /// Whether a request's `limit` override is honoured.
     pub allow_limit_override: bool,
     pub routes: HashMap<String, Route>,
+    /// For a file in the envoyproxy/ratelimit format (top-level `descriptors:`), its
+    /// descriptor tree, which the matcher walks instead of `routes` (then empty). `None` for
+    /// native files.
+    pub compat: Option<CompatTree>,
+}
+
+impl Domain {
+    /// The format of the file the domain was read from, as `sluice check` and `/config` name
+    /// it.
+    pub fn format(&self) -> &'static str {
+        match self.compat {
+            Some(_) => super::envoy_compat::FORMAT,
+            None => "sluice",
+        }
+    }
 }
 
 /// A setting's effective value and the route (or `defaults` / `builtin`) it came from.
@@ -199,15 +215,24 @@ impl LimitSet {
                     }),
                 );
             }
-            out.insert(
-                d.name.clone(),
-                json!({
+            let shown = match &d.compat {
+                // The envoyproxy/ratelimit tree as loaded: every descriptor with its limit.
+                Some(tree) => json!({
                     "file": d.file.display().to_string(),
+                    "format": d.format(),
+                    "allow_limit_override": d.allow_limit_override,
+                    "routes": route_map,
+                    "descriptors": tree.to_json(),
+                }),
+                None => json!({
+                    "file": d.file.display().to_string(),
+                    "format": d.format(),
                     "route_key": d.route_key,
                     "allow_limit_override": d.allow_limit_override,
                     "routes": route_map,
                 }),
-            );
+            };
+            out.insert(d.name.clone(), shown);
         }
         serde_json::Value::Object(out)
     }

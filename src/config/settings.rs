@@ -40,6 +40,9 @@ pub struct Settings {
     /// Most requests decided at once; beyond it a request is refused at once with
     /// RESOURCE_EXHAUSTED (HTTP 503) instead of queueing behind the others.
     pub max_in_flight: usize,
+    /// Global shadow mode: every descriptor is still counted and reported (metrics decision
+    /// `shadow`), but every answer is OK (envoyproxy/ratelimit's `SHADOW_MODE`).
+    pub shadow_mode: bool,
     /// gRPC server TLS; off when `cert_file` is not set.
     pub tls: TlsSettings,
     /// How long in-flight requests may take to finish after SIGTERM before the server exits.
@@ -63,6 +66,7 @@ impl Default for Settings {
             over_limit_cache: OverLimitCacheSettings::default(),
             shutdown_grace: "10s".into(),
             max_in_flight: 4096,
+            shadow_mode: false,
             tls: TlsSettings::default(),
         }
     }

@@ -6,6 +6,7 @@
 //! in-flight requests, which finish on the set they started with.
 
 pub mod grpc;
+pub mod headers;
 pub mod http;
 
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct RateLimiter {
     /// Permits for requests being decided; see `Settings::max_in_flight`.
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
+    /// Global shadow mode (`Settings::shadow_mode`): count and report, always answer OK.
+    shadow_mode: bool,
 }
 
 /// Default for [`RateLimiter::with_max_in_flight`].
@@ -79,7 +82,16 @@ impl RateLimiter {
             metrics: Arc::new(Metrics::new()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            shadow_mode: false,
         }
+    }
+
+    /// Global shadow mode: every descriptor is counted and reported (metrics decision
+    /// `shadow` when over) but answered OK, so the whole answer is OK, as envoyproxy/ratelimit's
+    /// `SHADOW_MODE`.
+    pub fn with_shadow_mode(mut self, on: bool) -> Self {
+        self.shadow_mode = on;
+        self
     }
 
     /// Bounds the requests decided at once (load shedding).
@@ -174,10 +186,17 @@ impl RateLimiter {
             u64::from(request.hits_addend)
         };
         let mut matches: Vec<Option<Matched<'_>>> = Vec::with_capacity(request.descriptors.len());
-        let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
         for descriptor in &request.descriptors {
-            let mut matched = matcher::match_descriptor(domain, descriptor);
-            if let Some(m) = matched.as_mut() {
+            let matched = matcher::match_descriptor(domain, descriptor);
+            if matched.is_none() {
+                self.metrics.unmatched(&domain.name);
+            }
+            matches.push(matched);
+        }
+        apply_replaces(&mut matches);
+        let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
+        for (descriptor, matched) in request.descriptors.iter().zip(matches.iter_mut()) {
+            if let Some(m) = matched.as_mut().filter(|m| !m.unlimited) {
                 let settings = m.route.map(|r| &r.settings);
                 ops.push(CounterOp {
                     // The response needs only the rule and route, so the id moves, not copies.
@@ -199,10 +218,7 @@ impl RateLimiter {
                     outcome: Outcome::default(),
                     source: "",
                 });
-            } else {
-                self.metrics.unmatched(&domain.name);
             }
-            matches.push(matched);
         }
         if !ops.is_empty() {
             let now = self.clock.now_ms();
@@ -216,15 +232,50 @@ impl RateLimiter {
             );
             applied?;
         }
-        Ok(respond(&domain.name, &matches, &ops, &self.metrics))
+        Ok(respond(
+            &domain.name,
+            &matches,
+            &ops,
+            &self.metrics,
+            self.shadow_mode,
+        ))
+    }
+}
+
+/// envoyproxy/ratelimit `replaces`, across the request's descriptors: a limit whose
+/// `rate_limit.name` another matched limit names in `replaces` is not applied (its
+/// descriptor answers OK with no limit), and an unlimited one is never replaced, as
+/// upstream. Free when no match replaces anything (every native domain).
+fn apply_replaces(matches: &mut [Option<Matched<'_>>]) {
+    if matches.iter().flatten().all(|m| m.replaces.is_empty()) {
+        return;
+    }
+    let replaced: Vec<&str> = matches
+        .iter()
+        .flatten()
+        .flat_map(|m| m.replaces.iter().map(String::as_str))
+        .collect();
+    for slot in matches.iter_mut() {
+        let gone = slot.as_ref().is_some_and(|m| {
+            !m.unlimited && m.limit_name.is_some_and(|name| replaced.contains(&name))
+        });
+        if gone {
+            *slot = None;
+        }
     }
 }
 
 /// A descriptor's own `hits_addend` wins (its explicit 0 checks without counting); otherwise
 /// the request's, where 0 means 1.
+///
+/// Capped at [`MAX_HITS`]: limits are at most `u32::MAX`, so no decision changes, and every
+/// count stays an exact integer in Redis's Lua (doubles) and far from `i64` overflow.
 fn hits(descriptor: &RateLimitDescriptor, request_hits: u64) -> u64 {
-    descriptor.hits_addend.unwrap_or(request_hits)
+    descriptor.hits_addend.unwrap_or(request_hits).min(MAX_HITS)
 }
+
+/// The most hits one descriptor can add: 2^40, well above any limit (at most 2^32 - 1).
+pub const MAX_HITS: u64 = 1 << 40;
 
 fn validate(request: &RateLimitRequest, bounds: &RequestBounds) -> Result<(), RequestError> {
     let invalid = |m: String| Err(RequestError::Invalid(m));
@@ -301,11 +352,15 @@ fn ok_without_limit() -> DescriptorStatus {
 
 /// Builds the response of DESIGN §4 from the matches (in descriptor order) and the store's
 /// outcomes (in the same order, for the matched ones only).
+///
+/// With `global_shadow` (the `shadow_mode` setting) every descriptor is answered as if its
+/// own shadow mode were on: counted and reported, OK.
 fn respond(
     domain: &str,
     matches: &[Option<Matched<'_>>],
     ops: &[CounterOp],
     metrics: &Metrics,
+    global_shadow: bool,
 ) -> Answer {
     let mut statuses = Vec::with_capacity(matches.len());
     let mut outcomes = ops.iter().map(|op| (op.outcome, op.source));
@@ -324,10 +379,21 @@ fn respond(
             statuses.push(ok_without_limit());
             continue;
         };
+        let route_name = route_label(m);
+        if m.unlimited {
+            // envoyproxy/ratelimit `unlimited: true`: OK without counting, and the most a
+            // count can say as remaining, as upstream.
+            metrics.decision(domain, route_name, m.rule, Decision::Ok);
+            statuses.push(DescriptorStatus {
+                code: Code::Ok as i32,
+                limit_remaining: u32::MAX,
+                ..Default::default()
+            });
+            continue;
+        }
         let (outcome, source) = outcomes.next().unwrap_or_default();
-        let shadow = m.route.is_some_and(|r| r.settings.shadow_mode.value);
+        let shadow = m.shadow || global_shadow;
         let over = outcome.over && !shadow;
-        let route_name = m.route.map(|r| r.name.as_str()).unwrap_or(m::NO_ROUTE);
         let decision = match (outcome.over, shadow) {
             (true, true) => Decision::Shadow,
             (true, false) => Decision::OverLimit,
@@ -405,7 +471,10 @@ fn respond(
             (true, true) => "shadow",
         };
         metadata(&[
-            ("route", m.route.map(|r| r.name.as_str()).unwrap_or("")),
+            (
+                "route",
+                m.route.map(|r| r.name.as_str()).or(m.path).unwrap_or(""),
+            ),
             ("rule", m.rule),
             ("source", source),
             ("decision", decision),
@@ -422,6 +491,15 @@ fn respond(
         },
         rejected_code: rejected.map(|(code, _)| code),
     }
+}
+
+/// The `route` label of a match: the route's name, the envoyproxy/ratelimit descriptor path,
+/// or `_none` for an override on no route. Configuration names only.
+fn route_label<'a>(m: &Matched<'a>) -> &'a str {
+    m.route
+        .map(|r| r.name.as_str())
+        .or(m.path)
+        .unwrap_or(m::NO_ROUTE)
 }
 
 fn current_limit(m: &Matched<'_>) -> RateLimit {

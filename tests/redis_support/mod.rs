@@ -1000,17 +1000,6 @@ pub fn scenarios() -> Vec<Scenario> {
                 step(BASE_MS + MINUTE + 3, vec![take("c", three_a_minute, 1)]),
             ]
         }),
-        s("a huge multiplier: the period is capped at 100 years", {
-            let capped = per_n(5, Unit::Year, 1_000);
-            let huge_seconds = per_n(2, Unit::Second, u32::MAX);
-            vec![
-                step(t0, vec![take("y", capped, 3), take("s", huge_seconds, 1)]),
-                step(
-                    t0 + DAY,
-                    vec![take("y", capped, 3), take("s", huge_seconds, 2)],
-                ),
-            ]
-        }),
         s("a burst unlike the limit", {
             let t = Threshold {
                 burst: Some(5),
@@ -1032,6 +1021,25 @@ pub fn scenarios() -> Vec<Scenario> {
             ]
         }),
     ]
+}
+
+/// Periods longer than the time since the epoch (a request-side override with a huge
+/// `unit_multiplier`; the period is capped at 100 years): the window starts at 0. Kept out of
+/// [`scenarios`] so that table stays a clean signal; run by `redis_backend.rs`.
+pub fn capped_period_scenario() -> Scenario {
+    let t0 = BASE_MS + 15_250;
+    let capped = per_n(5, Unit::Year, 1_000);
+    let huge_seconds = per_n(2, Unit::Second, u32::MAX);
+    Scenario {
+        name: "a huge multiplier: the period is capped at 100 years".into(),
+        steps: vec![
+            step(t0, vec![take("y", capped, 3), take("s", huge_seconds, 1)]),
+            step(
+                t0 + DAY,
+                vec![take("y", capped, 3), take("s", huge_seconds, 2)],
+            ),
+        ],
+    }
 }
 
 /// The DESIGN §3 formula written out once more, keyed like Redis (counter, window), as an

@@ -18,7 +18,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
@@ -90,6 +91,8 @@ pub struct RedisServer {
     dir: TempDir,
     child: Option<Child>,
     stopped: bool,
+    /// The current process id (0 when none), for [`StallMonitor`].
+    pid: PidCell,
 }
 
 impl RedisServer {
@@ -107,6 +110,7 @@ impl RedisServer {
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
                 stopped: false,
+                pid: pid_cell(None),
             };
             match server.spawn() {
                 Ok(()) => return Some(server),
@@ -130,6 +134,11 @@ impl RedisServer {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The process id, kept current across restarts (for [`StallMonitor`]).
+    pub fn pid_cell(&self) -> PidCell {
+        self.pid.clone()
     }
 
     fn log_path(&self) -> PathBuf {
@@ -159,6 +168,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        self.pid.store(child.id(), Ordering::Relaxed);
         self.child = Some(child);
         self.stopped = false;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -214,6 +224,7 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.pid.store(0, Ordering::Relaxed);
         self.stopped = false;
     }
 
@@ -554,6 +565,10 @@ impl SluiceProcess {
         process
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What the process wrote so far (stdout, then stderr).
     pub fn output(&self) -> String {
         let read = |name: &str| std::fs::read_to_string(self.logs.path().join(name));
@@ -598,6 +613,149 @@ impl Drop for SluiceProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+// ----- machine stalls -----
+
+/// A process id that may change (Redis restarted) or vanish (0), for [`StallMonitor`].
+pub type PidCell = Arc<AtomicU32>;
+
+pub fn pid_cell(pid: Option<u32>) -> PidCell {
+    Arc::new(AtomicU32::new(pid.unwrap_or(0)))
+}
+
+/// What a [`StallMonitor`] saw: for each watched process, how long each of its threads had
+/// waited on a run queue (ready to run, but the machine ran something else), sampled over time
+/// from `/proc/<pid>/task/*/schedstat`.
+#[derive(Debug, Default)]
+pub struct Stalls {
+    /// (offset from the origin, per watched process [(thread id, total run-queue wait, ns)]).
+    samples: Vec<(Duration, Vec<Vec<(u32, u64)>>)>,
+}
+
+fn most_waited(earlier: &[(u32, u64)], later: &[(u32, u64)]) -> u64 {
+    later
+        .iter()
+        .map(|(tid, wait)| {
+            let before = earlier
+                .iter()
+                .find(|(t, _)| t == tid)
+                .map_or(0, |(_, w)| *w);
+            wait.saturating_sub(before)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+impl Stalls {
+    /// How much of `[from, to)` the machine explains rather than the watched processes' own
+    /// work: for each process, the longest run-queue wait one of its threads had in that span,
+    /// summed over the processes (a request crosses all of them), at most the span. Sampled,
+    /// so the span is widened to the samples around it.
+    pub fn explained(&self, from: Duration, to: Duration) -> Duration {
+        let before = self.samples.iter().rev().find(|(t, _)| *t <= from);
+        let after = self.samples.iter().find(|(t, _)| *t >= to);
+        let (Some((_, a)), Some((_, b))) = (before, after) else {
+            return Duration::ZERO;
+        };
+        let waited: u64 = a.iter().zip(b).map(|(a, b)| most_waited(a, b)).sum();
+        Duration::from_nanos(waited).min(to.saturating_sub(from))
+    }
+
+    /// For each watched process, the most run-queue wait one of its threads had over the run.
+    pub fn total_waits(&self) -> Vec<Duration> {
+        let (Some((_, first)), Some((_, last))) = (self.samples.first(), self.samples.last())
+        else {
+            return Vec::new();
+        };
+        first
+            .iter()
+            .zip(last)
+            .map(|(a, b)| Duration::from_nanos(most_waited(a, b)))
+            .collect()
+    }
+}
+
+/// Each thread of `pid` with its total run-queue wait (ns); empty when /proc cannot say.
+fn run_queue_waits(pid: u32) -> Vec<(u32, u64)> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let wait = stat.split_whitespace().nth(1)?.parse().ok()?;
+            Some((tid, wait))
+        })
+        .collect()
+}
+
+/// Watches, while a real-time test runs, how long the processes on a request's path (this
+/// test process, sluice, Redis) were ready to run but not run. On a shared machine (other
+/// builds, other tests) a request can be slow because nothing ran, which says nothing about
+/// sluice; a latency check can subtract what [`Stalls::explained`] attributes to the machine.
+/// A delay of sluice's own making (work, a lock, a timer, TCP waiting for an ACK) is no
+/// run-queue wait, so it is never excused.
+pub struct StallMonitor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Stalls>>,
+}
+
+impl StallMonitor {
+    /// How often the processes are sampled.
+    const EVERY: Duration = Duration::from_millis(2);
+    /// The monitor stops by itself after this long.
+    const MAX_RUN: Duration = Duration::from_secs(180);
+
+    /// Starts watching this process and the `others` (index 0 of each sample is this process,
+    /// then `others` in order).
+    pub fn start(origin: Instant, others: Vec<PidCell>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Stalls::default();
+            let began = Instant::now();
+            while !flag.load(Ordering::Relaxed) && began.elapsed() < Self::MAX_RUN {
+                let mut waits = vec![run_queue_waits(std::process::id())];
+                waits.extend(
+                    others
+                        .iter()
+                        .map(|p| run_queue_waits(p.load(Ordering::Relaxed))),
+                );
+                seen.samples
+                    .push((Instant::now().saturating_duration_since(origin), waits));
+                std::thread::sleep(Self::EVERY);
+            }
+            seen
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the monitor and returns what it saw.
+    pub fn finish(mut self) -> Stalls {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for StallMonitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

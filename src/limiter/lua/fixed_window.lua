@@ -20,10 +20,11 @@ if ARGV[5] == '1' then
     count = 0
   end
   if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('SET', KEYS[1], count, 'KEEPTTL')
+    -- %.0f: Redis turns Lua numbers into text with %.14g, which is not an integer past 1e14.
+    redis.call('SET', KEYS[1], string.format('%.0f', count), 'KEEPTTL')
   end
 else
-  count = redis.call('INCRBY', KEYS[1], hits)
+  count = redis.call('INCRBY', KEYS[1], ARGV[4])
   if count == hits then
     -- Created by this call: it lives until its window ends. Relative (PEXPIRE, from the
     -- caller's `now`), so a skew between the caller's and Redis's clocks cannot expire it early.

@@ -24,7 +24,8 @@ if ARGV[5] == '1' then
     curr = 0
   end
   if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('SET', KEYS[1], curr, 'KEEPTTL')
+    -- %.0f: Redis turns Lua numbers into text with %.14g, which is not an integer past 1e14.
+    redis.call('SET', KEYS[1], string.format('%.0f', curr), 'KEEPTTL')
   end
   estimate = weighted + curr
   local over = 0
@@ -41,7 +42,7 @@ end
 local after = estimate + hits
 if after <= limit then
   if hits > 0 then
-    redis.call('INCRBY', KEYS[1], hits)
+    redis.call('INCRBY', KEYS[1], ARGV[4])
     -- It still matters as the previous window of the next one.
     redis.call('PEXPIRE', KEYS[1], window + 2 * period - now)
   end

@@ -1,0 +1,841 @@
+//! The envoyproxy/ratelimit limits format, read as that project reads it (DESIGN §2, last
+//! paragraph): its schema, its validation, and its descriptor-tree matching.
+//!
+//! A limits file whose top level has `descriptors:` is in this format. It loads into a
+//! [`Domain`] whose `compat` holds a [`CompatTree`] (and whose `routes` are empty), and
+//! [`crate::matcher::match_descriptor`] hands such domains to [`match_entries`]. What this
+//! module owns:
+//!
+//! - **Schema.** `domain` and `descriptors`; a descriptor has `key`, optional `value`,
+//!   optional `rate_limit { unit, requests_per_unit, unlimited, name, replaces: [{name}] }`,
+//!   optional nested `descriptors`, and the flags `shadow_mode`, `detailed_metric`,
+//!   `value_to_metric` and `share_threshold`. Units are `second`, `minute`, `hour`, `day`,
+//!   `week`, `month` or `year`, in any case (upstream upper-cases them). Any other key is an
+//!   error, as upstream.
+//! - **Validation.** Every upstream load error (empty domain, empty key, duplicate
+//!   descriptor at one level, invalid unit, a unit with `unlimited`, an empty or
+//!   self-naming `replaces`, `share_threshold` without a wildcard) and a few upstream lets
+//!   pass silently (a missing `requests_per_unit`, which upstream reads as 0 and so blocks
+//!   everything; `requests_per_unit` with `unlimited`) become [`ConfigError`]s naming the
+//!   file, the line, the descriptor path (in `route`, as `key=value/key2`) and the field.
+//! - **Matching** ([`match_entries`]). Entry *i* of a request descriptor is looked up at
+//!   level *i* of the tree: a node with that key and exactly that value first, then the
+//!   level's wildcard values (`value: foo*`, a trailing `*` matching by prefix, tried in file
+//!   order), then a node with that key and no value; the walk descends into the node's
+//!   children for the next entry. The limit is the `rate_limit` of the node matched by the
+//!   last entry; a walk that stops earlier, or ends on a node without `rate_limit`, has no
+//!   limit.
+//! - **Counters.** As upstream's cache key: the domain, then every entry's key and value
+//!   (each made safe by [`push_component`]), then the period. A value matched through a
+//!   `share_threshold` wildcard is replaced by the wildcard itself, so all values matching
+//!   it share one counter; otherwise each distinct value counts apart.
+//!
+//! `replaces` and `unlimited` act across a request's descriptors, so the service applies
+//! them ([`crate::service`]); `detailed_metric` and `value_to_metric` only change
+//! upstream's stats names and are accepted without effect, because sluice's metric labels
+//! come from configuration names only (the matched descriptor path, never request values).
+//!
+//! Nothing here touches a store or a response.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use serde_saphyr::Spanned;
+
+use super::load::{ConfigError, find_key_line, parse_error};
+use super::model::Domain;
+use crate::limiter::{Threshold, Unit};
+use crate::matcher::{Matched, push_component};
+use crate::proto::descriptor::rate_limit_descriptor::Entry;
+
+/// What `sluice check` and `/config` call this format.
+pub const FORMAT: &str = "envoyproxy/ratelimit";
+
+/// Whether `text` is a limits file in this format: its top level has a `descriptors` key.
+/// A file that is not valid YAML is judged by a top-level line starting `descriptors:`, so
+/// its syntax error is reported in the format it was meant to be.
+pub fn is_envoy_format(text: &str) -> bool {
+    match serde_saphyr::from_str::<BTreeMap<String, serde::de::IgnoredAny>>(text) {
+        Ok(keys) => keys.contains_key("descriptors"),
+        Err(_) => find_key_line(text, "descriptors", None, None).is_some(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+struct FileRaw {
+    domain: Option<Spanned<String>>,
+    descriptors: Option<Vec<Spanned<DescriptorRaw>>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DescriptorRaw {
+    key: Option<Spanned<String>>,
+    value: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<RateLimitRaw>>,
+    descriptors: Option<Vec<Spanned<DescriptorRaw>>>,
+    shadow_mode: Option<bool>,
+    detailed_metric: Option<bool>,
+    value_to_metric: Option<bool>,
+    share_threshold: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RateLimitRaw {
+    unit: Option<Spanned<String>>,
+    requests_per_unit: Option<Spanned<u64>>,
+    unlimited: Option<Spanned<bool>>,
+    name: Option<Spanned<String>>,
+    replaces: Option<Vec<Spanned<ReplacesRaw>>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplacesRaw {
+    name: Option<Spanned<String>>,
+}
+
+/// A lenient view (unknown fields ignored) used only to find which descriptor a YAML or type
+/// error is in.
+#[derive(Debug, Deserialize)]
+struct NamesRaw {
+    #[serde(default)]
+    descriptors: Vec<Spanned<NameRaw>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NameRaw {
+    key: Option<String>,
+    value: Option<String>,
+    #[serde(default)]
+    descriptors: Vec<Spanned<NameRaw>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tree as served.
+
+/// A domain's descriptors after loading: what [`match_entries`] walks.
+#[derive(Debug, Default)]
+pub struct CompatTree {
+    pub descriptors: Level,
+}
+
+/// The descriptors of one level, in file order, indexed by key.
+#[derive(Debug, Default)]
+pub struct Level {
+    pub nodes: Vec<Node>,
+    by_key: HashMap<String, KeyIndex>,
+}
+
+/// The nodes of one key at one level, as positions in [`Level::nodes`].
+#[derive(Debug, Default)]
+struct KeyIndex {
+    /// By exact value (a wildcard's own text too, as upstream's map lookup finds it).
+    exact: HashMap<String, usize>,
+    /// Wildcard values, in file order.
+    wildcards: Vec<usize>,
+    /// The node without a value.
+    any: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub key: String,
+    /// `None`: the node matches any value of its key.
+    pub value: Option<String>,
+    /// The value ends with `*` and matches by prefix.
+    pub wildcard: bool,
+    /// `key=value/key2`: shown in errors, `/config`, metrics labels and `current_limit.name`.
+    pub path: String,
+    pub limit: Option<CompatLimit>,
+    pub shadow_mode: bool,
+    pub share_threshold: bool,
+    /// Accepted for compatibility; sluice's metrics never carry request values.
+    pub detailed_metric: bool,
+    /// Accepted for compatibility; sluice's metrics never carry request values.
+    pub value_to_metric: bool,
+    pub children: Level,
+}
+
+/// A node's `rate_limit`.
+#[derive(Debug)]
+pub struct CompatLimit {
+    /// `None`: `unlimited: true` (answered OK without counting).
+    pub threshold: Option<Threshold>,
+    /// `rate_limit.name`: what other limits' `replaces` refer to.
+    pub name: Option<String>,
+    pub replaces: Vec<String>,
+    /// The name shown as `current_limit.name` and the `rule` metrics label: `name`, else the
+    /// node's path.
+    pub display: String,
+}
+
+impl Node {
+    /// The value without its trailing `*`, for a wildcard.
+    fn prefix(&self) -> &str {
+        let value = self.value.as_deref().unwrap_or("");
+        value.strip_suffix('*').unwrap_or(value)
+    }
+}
+
+impl Level {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The node entry `key=value` matches here, and whether it matched through a wildcard.
+    fn find(&self, key: &str, value: &str) -> Option<(&Node, bool)> {
+        let index = self.by_key.get(key)?;
+        if let Some(&i) = index.exact.get(value) {
+            return Some((&self.nodes[i], false));
+        }
+        if let Some(&i) = index
+            .wildcards
+            .iter()
+            .find(|&&i| value.starts_with(self.nodes[i].prefix()))
+        {
+            return Some((&self.nodes[i], true));
+        }
+        index.any.map(|i| (&self.nodes[i], false))
+    }
+
+    fn push(&mut self, node: Node) {
+        let i = self.nodes.len();
+        let index = self.by_key.entry(node.key.clone()).or_default();
+        match &node.value {
+            None => index.any = Some(i),
+            Some(value) => {
+                index.exact.insert(value.clone(), i);
+                if node.wildcard {
+                    index.wildcards.push(i);
+                }
+            }
+        }
+        self.nodes.push(node);
+    }
+
+    fn visit<'n>(&'n self, f: &mut impl FnMut(&'n Node)) {
+        for node in &self.nodes {
+            f(node);
+            node.children.visit(f);
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        Value::Array(self.nodes.iter().map(Node::to_json).collect())
+    }
+}
+
+impl Node {
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "key": self.key,
+            "value": self.value,
+            "path": self.path,
+            "shadow_mode": self.shadow_mode,
+            "share_threshold": self.share_threshold,
+            "detailed_metric": self.detailed_metric,
+            "value_to_metric": self.value_to_metric,
+        });
+        if let Some(limit) = &self.limit {
+            v["rate_limit"] = match &limit.threshold {
+                Some(t) => json!({
+                    "requests_per_unit": t.limit,
+                    "unit": t.unit,
+                    "name": limit.name,
+                    "replaces": limit.replaces,
+                }),
+                None => json!({
+                    "unlimited": true,
+                    "name": limit.name,
+                    "replaces": limit.replaces,
+                }),
+            };
+        }
+        if !self.children.is_empty() {
+            v["descriptors"] = self.children.to_json();
+        }
+        v
+    }
+}
+
+impl CompatTree {
+    /// Every node, parents before children, in file order.
+    pub fn nodes(&self) -> Vec<&Node> {
+        let mut all = Vec::new();
+        self.descriptors.visit(&mut |n| all.push(n));
+        all
+    }
+
+    /// The descriptor tree for `GET /config`.
+    pub fn to_json(&self) -> Value {
+        self.descriptors.to_json()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matching.
+
+/// The limit of one request descriptor's entries in an envoyproxy/ratelimit domain, or
+/// `None` when it has none (see the module comment for the walk). Allocates only the
+/// counter id.
+pub fn match_entries<'a>(
+    domain: &'a Domain,
+    tree: &'a CompatTree,
+    entries: &[Entry],
+) -> Option<Matched<'a>> {
+    let last = entries.len().checked_sub(1)?;
+    let mut level = &tree.descriptors;
+    // Whether a value matched a `share_threshold` wildcard, so the counter needs the walk
+    // again to put the wildcard in its place.
+    let mut shared = false;
+    for (i, entry) in entries.iter().enumerate() {
+        let (node, via_wildcard) = level.find(&entry.key, &entry.value)?;
+        shared |= via_wildcard && node.share_threshold;
+        if i < last {
+            if node.children.is_empty() {
+                return None;
+            }
+            level = &node.children;
+            continue;
+        }
+        let limit = node.limit.as_ref()?;
+        let Some(threshold) = limit.threshold else {
+            return Some(compat_match(
+                node,
+                limit,
+                Threshold::new(0, Unit::Second),
+                String::new(),
+            ));
+        };
+        // The counter, as upstream's cache key: domain, each entry, period. Built only now
+        // that the walk found a limit, so descriptors without one allocate nothing. `rl` and
+        // the odd number of components keep these ids apart from native ones (domain, route,
+        // rule id and at most one value).
+        let mut counter = String::with_capacity(32 + entries.len() * 24);
+        push_component(&mut counter, &domain.name);
+        counter.push_str(":rl");
+        let mut walk = &tree.descriptors;
+        for e in entries {
+            counter.push(':');
+            push_component(&mut counter, &e.key);
+            counter.push(':');
+            let pattern = if shared {
+                let (n, wild) = walk.find(&e.key, &e.value)?;
+                walk = &n.children;
+                (wild && n.share_threshold).then_some(n.value.as_deref().unwrap_or(""))
+            } else {
+                None
+            };
+            push_component(&mut counter, pattern.unwrap_or(&e.value));
+        }
+        let _ = write!(counter, ":{}", threshold.period_ms() / 1000);
+        return Some(compat_match(node, limit, threshold, counter));
+    }
+    None
+}
+
+fn compat_match<'a>(
+    node: &'a Node,
+    limit: &'a CompatLimit,
+    threshold: Threshold,
+    counter: String,
+) -> Matched<'a> {
+    Matched {
+        route: None,
+        path: Some(&node.path),
+        rule: &limit.display,
+        threshold,
+        counter,
+        shadow: node.shadow_mode,
+        limit_name: limit.name.as_deref(),
+        replaces: &limit.replaces,
+        unlimited: limit.threshold.is_none(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Parses and validates one limits file in this format, reporting every problem it finds.
+pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
+    let mut unknown = Vec::new();
+    let parsed: Result<FileRaw, _> = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+    });
+    let raw = match parsed {
+        Ok(raw) => raw,
+        Err(e) => {
+            let mut err = parse_error(file, text, &e);
+            err.route = err.line.and_then(|line| path_at_line(text, line));
+            return Err(vec![err]);
+        }
+    };
+    let mut cx = Cx {
+        file,
+        text,
+        errors: Vec::new(),
+    };
+    for path in &unknown {
+        cx.unknown_field(&raw, path);
+    }
+    let name = match &raw.domain {
+        Some(d) if !d.value.trim().is_empty() => d.value.clone(),
+        Some(d) => {
+            cx.error(
+                Some(d.referenced.line()),
+                None,
+                "domain",
+                "is empty: name the Envoy rate limit domain, e.g. `domain: edge`",
+            );
+            String::new()
+        }
+        None => {
+            cx.error(
+                Some(1),
+                None,
+                "domain",
+                "missing: a file in the envoyproxy/ratelimit format (it has top-level \
+                 `descriptors:`) names its domain, e.g. `domain: edge`",
+            );
+            String::new()
+        }
+    };
+    let descriptors = raw.descriptors.as_deref().unwrap_or(&[]);
+    let level = cx.level(descriptors, None, None);
+    if !cx.errors.is_empty() {
+        return Err(cx.errors);
+    }
+    Ok(Domain {
+        name,
+        file: file.to_path_buf(),
+        route_key: String::new(),
+        allow_limit_override: true,
+        routes: HashMap::new(),
+        compat: Some(CompatTree { descriptors: level }),
+    })
+}
+
+/// The descriptor path a line is in, through the lenient view.
+fn path_at_line(text: &str, line: u64) -> Option<String> {
+    let names: NamesRaw = serde_saphyr::from_str(text).ok()?;
+    let mut level = &names.descriptors;
+    let mut path: Option<String> = None;
+    while let Some(node) = level.iter().rev().find(|n| n.referenced.line() <= line) {
+        let segment = segment(
+            node.value.key.as_deref().unwrap_or(""),
+            node.value.value.as_deref(),
+        );
+        path = Some(match path {
+            Some(p) => format!("{p}/{segment}"),
+            None => segment,
+        });
+        level = &node.value.descriptors;
+    }
+    path
+}
+
+/// One step of a descriptor path: `key=value`, or `key` for a node without a value.
+fn segment(key: &str, value: Option<&str>) -> String {
+    match value {
+        Some(v) if !v.is_empty() => format!("{key}={v}"),
+        _ => key.to_string(),
+    }
+}
+
+struct Cx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn error(
+        &mut self,
+        line: Option<u64>,
+        path: Option<&str>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            route: path.map(str::to_string),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Validates one level of descriptors; `end` is the first line after the level's parent.
+    fn level(
+        &mut self,
+        raw: &[Spanned<DescriptorRaw>],
+        parent: Option<&str>,
+        end: Option<u64>,
+    ) -> Level {
+        let mut level = Level::default();
+        // (key, value) -> (path, line) of the first node with it, for duplicates.
+        let mut seen: HashMap<(String, String), u64> = HashMap::new();
+        for (i, node) in raw.iter().enumerate() {
+            let line = node.referenced.line();
+            let node_end = raw.get(i + 1).map(|n| n.referenced.line()).or(end);
+            let d = &node.value;
+            let value = d
+                .value
+                .as_ref()
+                .map(|v| v.value.clone())
+                .filter(|v| !v.is_empty());
+            let key = match &d.key {
+                Some(k) if !k.value.is_empty() => Some(k.value.clone()),
+                _ => None,
+            };
+            let own = match &key {
+                Some(key) => segment(key, value.as_deref()),
+                None => format!("descriptors[{i}]"),
+            };
+            let path = match parent {
+                Some(p) => format!("{p}/{own}"),
+                None => own,
+            };
+            let before = self.errors.len();
+            match (&d.key, &key) {
+                (Some(k), None) => self.error(
+                    Some(k.referenced.line()),
+                    Some(&path),
+                    "key",
+                    "is empty: every descriptor names the descriptor entry key it matches",
+                ),
+                (None, _) => self.error(
+                    Some(line),
+                    Some(&path),
+                    "key",
+                    "missing: every descriptor names the descriptor entry key it matches, \
+                     e.g. `key: remote_address`",
+                ),
+                _ => {}
+            }
+            if let Some(key) = &key {
+                let composite = (key.clone(), value.clone().unwrap_or_default());
+                if let Some(first) = seen.get(&composite) {
+                    let (field, at) = match &d.value {
+                        Some(v) if value.is_some() => ("value", v.referenced.line()),
+                        _ => ("key", d.key.as_ref().map_or(line, |k| k.referenced.line())),
+                    };
+                    self.error(
+                        Some(at),
+                        Some(&path),
+                        field,
+                        format!(
+                            "duplicate descriptor composite key: `{path}` is already defined at \
+                             line {first} of this level; merge the two descriptors or remove one"
+                        ),
+                    );
+                } else {
+                    seen.insert(composite, line);
+                }
+            }
+            let wildcard = value.as_deref().is_some_and(|v| v.ends_with('*'));
+            let share_threshold = d.share_threshold.as_ref().is_some_and(|s| s.value);
+            if share_threshold && !wildcard {
+                let at = d
+                    .share_threshold
+                    .as_ref()
+                    .map_or(line, |s| s.referenced.line());
+                self.error(
+                    Some(at),
+                    Some(&path),
+                    "share_threshold",
+                    "applies to wildcard values only (a `value` ending with `*`, e.g. \
+                     `value: files/*`): all values matching the wildcard then share one counter",
+                );
+            }
+            let limit = d
+                .rate_limit
+                .as_ref()
+                .and_then(|rl| self.rate_limit(rl, &path));
+            let children = match &d.descriptors {
+                Some(children) => self.level(children, Some(&path), node_end),
+                None => Level::default(),
+            };
+            if self.errors.len() == before
+                && let Some(key) = key
+            {
+                level.push(Node {
+                    key,
+                    value,
+                    wildcard,
+                    path,
+                    limit,
+                    shadow_mode: d.shadow_mode.unwrap_or(false),
+                    share_threshold,
+                    detailed_metric: d.detailed_metric.unwrap_or(false),
+                    value_to_metric: d.value_to_metric.unwrap_or(false),
+                    children,
+                });
+            }
+        }
+        level
+    }
+
+    fn rate_limit(&mut self, rl: &Spanned<RateLimitRaw>, path: &str) -> Option<CompatLimit> {
+        // Errors about a missing field point at the `rate_limit:` key (the span starts at the
+        // block's first field, the line after it).
+        let line = key_line_at_or_before(self.text, "rate_limit", rl.referenced.line());
+        let raw = &rl.value;
+        let before = self.errors.len();
+        let unlimited = raw.unlimited.as_ref().is_some_and(|u| u.value);
+        let name = raw
+            .name
+            .as_ref()
+            .map(|n| n.value.clone())
+            .filter(|n| !n.is_empty());
+        let unit = raw.unit.as_ref().and_then(|u| {
+            let unit = parse_unit(&u.value);
+            if unit.is_none() && !unlimited {
+                self.error(
+                    Some(u.referenced.line()),
+                    Some(path),
+                    "rate_limit.unit",
+                    format!(
+                        "invalid rate limit unit \"{}\": use second, minute, hour, day, week, \
+                         month or year",
+                        u.value
+                    ),
+                );
+            }
+            unit
+        });
+        let threshold = if unlimited {
+            if let Some(u) = &raw.unit {
+                self.error(
+                    Some(u.referenced.line()),
+                    Some(path),
+                    "rate_limit.unit",
+                    "should not be set with `unlimited: true`: an unlimited descriptor has no \
+                     rate; remove unit (or unlimited)",
+                );
+            }
+            if let Some(r) = &raw.requests_per_unit {
+                self.error(
+                    Some(r.referenced.line()),
+                    Some(path),
+                    "rate_limit.requests_per_unit",
+                    "should not be set with `unlimited: true`: an unlimited descriptor has no \
+                     rate; remove requests_per_unit (or unlimited)",
+                );
+            }
+            None
+        } else {
+            if raw.unit.is_none() {
+                self.error(
+                    Some(line),
+                    Some(path),
+                    "rate_limit.unit",
+                    "missing: set second, minute, hour, day, week, month or year (or \
+                     `unlimited: true`)",
+                );
+            }
+            let requests = match &raw.requests_per_unit {
+                None => {
+                    self.error(
+                        Some(line),
+                        Some(path),
+                        "rate_limit.requests_per_unit",
+                        "missing: set how many requests each unit admits (0 blocks every \
+                         request; envoyproxy/ratelimit would silently read a missing value as 0)",
+                    );
+                    None
+                }
+                Some(r) if r.value > u64::from(u32::MAX) => {
+                    self.error(
+                        Some(r.referenced.line()),
+                        Some(path),
+                        "rate_limit.requests_per_unit",
+                        format!(
+                            "{} is larger than Envoy can carry (at most {})",
+                            r.value,
+                            u32::MAX
+                        ),
+                    );
+                    None
+                }
+                Some(r) => Some(r.value),
+            };
+            match (requests, unit) {
+                (Some(limit), Some(unit)) => Some(Threshold::new(limit, unit)),
+                _ => None,
+            }
+        };
+        let mut replaces = Vec::new();
+        for (j, r) in raw.replaces.as_deref().unwrap_or(&[]).iter().enumerate() {
+            let field = format!("rate_limit.replaces[{j}].name");
+            match &r.value.name {
+                Some(n) if !n.value.is_empty() => {
+                    if name.as_deref() == Some(n.value.as_str()) {
+                        self.error(
+                            Some(n.referenced.line()),
+                            Some(path),
+                            field,
+                            format!(
+                                "\"{}\" is this limit's own name: a limit cannot replace itself; \
+                                 name the limit this one takes the place of",
+                                n.value
+                            ),
+                        );
+                    } else {
+                        replaces.push(n.value.clone());
+                    }
+                }
+                Some(n) => self.error(
+                    Some(n.referenced.line()),
+                    Some(path),
+                    field,
+                    "is empty: name the `rate_limit.name` of the limit this one replaces",
+                ),
+                None => self.error(
+                    Some(r.referenced.line()),
+                    Some(path),
+                    field,
+                    "missing: every replaces entry names the `rate_limit.name` of the limit \
+                     this one replaces, e.g. `- name: per_user`",
+                ),
+            }
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(CompatLimit {
+            threshold,
+            display: name.clone().unwrap_or_else(|| path.to_string()),
+            name,
+            replaces,
+        })
+    }
+
+    /// Reports a key upstream does not know, with the descriptor it is in.
+    fn unknown_field(&mut self, raw: &FileRaw, path: &str) {
+        let tokens: Vec<&str> = path.split('.').filter(|s| *s != "?").collect();
+        if tokens
+            .last()
+            .is_some_and(|s| s.starts_with("__serde_saphyr"))
+        {
+            return;
+        }
+        // Walk the path: `descriptors.<i>.value` per level (`value` is the span wrapper),
+        // then a descriptor field, `rate_limit.value.<field>` or
+        // `rate_limit.value.replaces.<j>.value.<field>`.
+        let mut rest = tokens.as_slice();
+        let mut level: &[Spanned<DescriptorRaw>] = raw.descriptors.as_deref().unwrap_or(&[]);
+        let mut node: Option<&Spanned<DescriptorRaw>> = None;
+        let mut path_text: Option<String> = None;
+        let mut end: Option<u64> = None;
+        while let ["descriptors", index, "value", tail @ ..] = rest
+            && let Ok(i) = index.parse::<usize>()
+            && let Some(n) = level.get(i)
+        {
+            let segment = segment(
+                n.value.key.as_ref().map_or("", |k| k.value.as_str()),
+                n.value.value.as_ref().map(|v| v.value.as_str()),
+            );
+            path_text = Some(match path_text {
+                Some(p) => format!("{p}/{segment}"),
+                None => segment,
+            });
+            end = level.get(i + 1).map(|n| n.referenced.line()).or(end);
+            node = Some(n);
+            level = n.value.descriptors.as_deref().unwrap_or(&[]);
+            rest = tail;
+        }
+        let mut from = node.map(|n| n.referenced.line());
+        let mut field = String::new();
+        if let Some(n) = node
+            && let ["rate_limit", "value", tail @ ..] = rest
+            && let Some(rl) = &n.value.rate_limit
+        {
+            from = Some(rl.referenced.line());
+            field.push_str("rate_limit");
+            rest = tail;
+            if let ["replaces", index, "value", tail @ ..] = rest
+                && let Ok(j) = index.parse::<usize>()
+                && let Some(r) = rl.value.replaces.as_deref().and_then(|r| r.get(j))
+            {
+                from = Some(r.referenced.line());
+                field.push_str(&format!(".replaces[{j}]"));
+                rest = tail;
+            }
+        }
+        let name = rest.last().copied().unwrap_or("");
+        for segment in rest {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(segment);
+        }
+        let line = find_key_line(self.text, name, from, end)
+            .or(from)
+            .or(Some(1));
+        let hint = if node.is_none() {
+            " (this file is read in the envoyproxy/ratelimit format because its top level has \
+             `descriptors:`; that format has only `domain` and `descriptors` at the top)"
+        } else {
+            ""
+        };
+        self.error(
+            line,
+            path_text.as_deref(),
+            field,
+            format!("unknown key `{name}`: remove it or correct its spelling{hint}"),
+        );
+    }
+}
+
+/// The line of `key:` at `line` or the closest line before it (a block mapping's span starts
+/// at its first field, the line after its key); `line` itself when there is none nearby.
+fn key_line_at_or_before(text: &str, key: &str, line: u64) -> u64 {
+    (line.saturating_sub(20).max(1)..=line)
+        .rev()
+        .find(|&n| find_key_line(text, key, Some(n), Some(n + 1)).is_some())
+        .unwrap_or(line)
+}
+
+/// A unit as upstream reads it: any case.
+fn parse_unit(text: &str) -> Option<Unit> {
+    Some(match text.to_ascii_uppercase().as_str() {
+        "SECOND" => Unit::Second,
+        "MINUTE" => Unit::Minute,
+        "HOUR" => Unit::Hour,
+        "DAY" => Unit::Day,
+        "WEEK" => Unit::Week,
+        "MONTH" => Unit::Month,
+        "YEAR" => Unit::Year,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_is_told_by_a_top_level_descriptors_key() {
+        assert!(is_envoy_format("domain: a\ndescriptors: []\n"));
+        assert!(is_envoy_format("domain: a\ndescriptors:\n"));
+        assert!(!is_envoy_format("domain: a\nroutes: []\n"));
+        // Not valid YAML: judged by the line.
+        assert!(is_envoy_format("domain: a\ndescriptors:\n  - key: [\n"));
+        assert!(!is_envoy_format("domain: a\nroutes:\n  - descriptors: [\n"));
+    }
+
+    #[test]
+    fn units_are_read_in_any_case() {
+        assert_eq!(parse_unit("second"), Some(Unit::Second));
+        assert_eq!(parse_unit("Minute"), Some(Unit::Minute));
+        assert_eq!(parse_unit("WEEK"), Some(Unit::Week));
+        assert_eq!(parse_unit("unknown"), None);
+        assert_eq!(parse_unit(""), None);
+    }
+}
