@@ -20,6 +20,7 @@ use serde_saphyr::Spanned;
 use super::model::*;
 use super::schema::*;
 use crate::limiter::{Algorithm, FallbackMode, Threshold, Unit};
+use crate::service::headers::HeaderStyle;
 
 /// One problem in a limits file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -688,6 +689,12 @@ impl<'a> FileContext<'a> {
                 own_name,
                 base.map(|b| &b.show_limit_quota_header),
                 false,
+            ),
+            rate_limit_headers: pick(
+                own.rate_limit_headers,
+                own_name,
+                base.map(|b| &b.rate_limit_headers),
+                HeaderStyle::None,
             ),
             rejected_code: pick(
                 own.rejected_code,

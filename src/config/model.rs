@@ -13,6 +13,7 @@ use serde::Serialize;
 
 pub use super::envoy_compat::CompatTree;
 use crate::limiter::{Algorithm, FallbackMode, Threshold};
+use crate::service::headers::HeaderStyle;
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
 #[derive(Debug, Default)]
@@ -69,6 +70,8 @@ pub struct Setting<T> {
 pub struct RouteSettings {
     pub algorithm: Setting<Algorithm>,
     pub show_limit_quota_header: Setting<bool>,
+    /// `x_ratelimit` or `ietf`; unset, `show_limit_quota_header: true` means `x_ratelimit`.
+    pub rate_limit_headers: Setting<HeaderStyle>,
     pub rejected_code: Setting<u16>,
     pub rejected_msg: Setting<String>,
     pub shadow_mode: Setting<bool>,
@@ -86,6 +89,16 @@ fn serialize_duration_setting<S: serde::Serializer>(
         from: s.from.clone(),
     }
     .serialize(ser)
+}
+
+impl RouteSettings {
+    /// Which quota headers the route adds to answers.
+    pub fn header_style(&self) -> HeaderStyle {
+        match self.rate_limit_headers.value {
+            HeaderStyle::None if self.show_limit_quota_header.value => HeaderStyle::XRatelimit,
+            style => style,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::limiter::{Algorithm, FallbackMode};
+use crate::service::headers::HeaderStyle;
 
 #[derive(Debug, Deserialize)]
 pub struct LimitsFile {
@@ -27,6 +28,7 @@ pub struct LimitsFile {
 pub struct SettingsRaw {
     pub algorithm: Option<Algorithm>,
     pub show_limit_quota_header: Option<bool>,
+    pub rate_limit_headers: Option<HeaderStyle>,
     pub rejected_code: Option<u16>,
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
@@ -44,6 +46,7 @@ pub struct RouteRaw {
     pub rule_items: Option<Vec<Spanned<RuleItemRaw>>>,
     pub algorithm: Option<Algorithm>,
     pub show_limit_quota_header: Option<bool>,
+    pub rate_limit_headers: Option<HeaderStyle>,
     pub rejected_code: Option<u16>,
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
@@ -56,6 +59,7 @@ impl RouteRaw {
         SettingsRaw {
             algorithm: self.algorithm,
             show_limit_quota_header: self.show_limit_quota_header,
+            rate_limit_headers: self.rate_limit_headers,
             rejected_code: self.rejected_code,
             rejected_msg: self.rejected_msg.clone(),
             shadow_mode: self.shadow_mode,

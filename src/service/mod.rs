@@ -28,6 +28,7 @@ use crate::proto::descriptor::RateLimitDescriptor;
 use crate::proto::rls::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+use headers::{HeaderStyle, Quota};
 
 /// Why a request got no decision.
 #[derive(Debug, thiserror::Error)]
@@ -370,8 +371,8 @@ fn respond(
     // The rejecting route's code and message; built-in ones when the limit that rejected
     // came from a request override on no configured route.
     let mut rejected: Option<(u16, &str)> = None;
-    // Most restrictive descriptor among routes that show quota headers.
-    let mut quota: Option<(Threshold, Outcome)> = None;
+    // Descriptors whose routes show quota headers, by style.
+    let mut quotas: Vec<(HeaderStyle, String, Threshold, Outcome)> = Vec::new();
     let mut overall = Code::Ok;
 
     for m in matches {
@@ -427,40 +428,22 @@ fn respond(
         } else if deciding.is_none() {
             deciding = Some((m, outcome, shadow, source));
         }
-        if m.route
-            .is_some_and(|r| r.settings.show_limit_quota_header.value)
-        {
-            let tighter = match &quota {
-                None => true,
-                Some((_, q)) => {
-                    (outcome.remaining, std::cmp::Reverse(outcome.reset_ms))
-                        < (q.remaining, std::cmp::Reverse(q.reset_ms))
-                }
-            };
-            if tighter {
-                quota = Some((m.threshold, outcome));
-            }
+        let limit = current_limit(m);
+        let style = m
+            .route
+            .map_or(HeaderStyle::None, |r| r.settings.header_style());
+        if style != HeaderStyle::None {
+            quotas.push((style, limit.name.clone(), m.threshold, outcome));
         }
         statuses.push(DescriptorStatus {
             code: if over { Code::OverLimit } else { Code::Ok } as i32,
-            current_limit: Some(current_limit(m)),
+            current_limit: Some(limit),
             limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
             duration_until_reset: Some(duration(outcome.reset_ms)),
         });
     }
 
-    let response_headers_to_add = quota
-        .map(|(threshold, outcome)| {
-            vec![
-                header("X-RateLimit-Limit", threshold.limit.to_string()),
-                header("X-RateLimit-Remaining", outcome.remaining.to_string()),
-                header(
-                    "X-RateLimit-Reset",
-                    outcome.reset_ms.div_ceil(1000).to_string(),
-                ),
-            ]
-        })
-        .unwrap_or_default();
+    let response_headers_to_add = quota_headers(&quotas);
     let raw_body = rejected
         .map(|(_, msg)| msg.as_bytes().to_vec())
         .unwrap_or_default();
@@ -532,11 +515,35 @@ fn duration(ms: u64) -> prost_types::Duration {
     }
 }
 
-fn header(key: &str, value: String) -> HeaderValue {
-    HeaderValue {
-        key: key.to_string(),
-        value,
+/// The quota headers of each style in use, each from the most restrictive descriptor of
+/// that style: least remaining, then the longest wait.
+fn quota_headers(quotas: &[(HeaderStyle, String, Threshold, Outcome)]) -> Vec<HeaderValue> {
+    let mut headers = Vec::new();
+    for style in [HeaderStyle::XRatelimit, HeaderStyle::Ietf] {
+        let of_style: Vec<Quota<'_>> = quotas
+            .iter()
+            .filter(|(s, ..)| *s == style)
+            .map(|(_, name, threshold, outcome)| Quota {
+                name,
+                limit: threshold.limit,
+                window_secs: threshold.period_ms() / 1000,
+                remaining: outcome.remaining,
+                reset_secs: outcome.reset_ms.div_ceil(1000),
+            })
+            .collect();
+        let Some(tightest) = of_style
+            .iter()
+            .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_secs)))
+        else {
+            continue;
+        };
+        match style {
+            HeaderStyle::XRatelimit => headers.extend(headers::x_ratelimit(tightest)),
+            HeaderStyle::Ietf => headers.extend(headers::ietf(&of_style, tightest)),
+            HeaderStyle::None => {}
+        }
     }
+    headers
 }
 
 fn metadata(fields: &[(&str, &str)]) -> Struct {
