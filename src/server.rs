@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::clock::{Clock, SystemClock};
@@ -203,7 +203,9 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             .add_service(reflection)
             .add_service(rls)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc_listener),
+                // TCP_NODELAY: answers are small and must not wait for Nagle (tonic's own
+                // setting does not apply to incoming streams built here).
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 stop_signal(stopped.clone()),
             ),
     );
@@ -368,7 +370,10 @@ pub async fn serve_baseline(
         .add_service(health)
         .add_service(reflection)
         .add_service(RateLimitServiceServer::new(Baseline))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| ServeError::Setup(format!("baseline server: {e}")))
 }

@@ -925,7 +925,10 @@ async fn envoy_request_bytes_decode_with_the_vendored_protos() {
         ),
         _ => {
             std::fs::create_dir_all(fixture.parent().expect("fixtures dir")).expect("mkdir");
-            std::fs::write(&fixture, &call.message).expect("write the fixture");
+            // Write then rename: the fixture test may be reading it at this very moment.
+            let partial = fixture.with_extension("bin.partial");
+            std::fs::write(&partial, &call.message).expect("write the fixture");
+            std::fs::rename(&partial, &fixture).expect("move the fixture in place");
             eprintln!("wrote {}", fixture.display());
         }
     }

@@ -255,16 +255,19 @@ async fn a_huge_override_period_is_answered_not_crashed() {
 #[tokio::test]
 async fn huge_hits_addend_is_answered() {
     let mut s = Sluice::start(&[("d.yaml", LIMITS)]).await;
+    // A request-level u32::MAX on one descriptor, a descriptor-level u64::MAX (capped at
+    // sluice::service::MAX_HITS) on another counter: both answered, both over.
     let mut req = request(
         "d",
         vec![
-            desc(&[("route", "r")]),
+            desc(&[("route", "keys"), ("x-api-key", "k")]),
             desc_hits(&[("route", "r")], u64::MAX),
         ],
     );
     req.hits_addend = u32::MAX;
     let response = s.call(req).await;
     assert_eq!(response.overall_code, Code::OverLimit as i32);
+    // Giving back as many (capped alike) empties the counter again.
     let give = RateLimitDescriptor {
         is_negative_hits: true,
         ..desc_hits(&[("route", "r")], u64::MAX)

@@ -9,7 +9,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use resilience_support::{RedisServer, metric, near_real_start_ms, peak_rss_kib, rss_kib, scrape};
+use resilience_support::{RedisServer, metric, peak_rss_kib, rss_kib, scrape};
 use sluice::clock::ManualClock;
 use sluice::config::load_dir;
 use sluice::config::settings::{Backend, RequestBounds};
@@ -147,7 +147,6 @@ async fn many_over_limit_counters_do_not_grow_the_over_limit_cache_past_its_boun
         s.over_limit_cache.max_entries = BOUND;
     })
     .await;
-    s.clock.set(near_real_start_ms());
     let reset = s.until_reset(support::MINUTE);
     let per_ip = limit(1, Unit::Minute, "per-ip/by-ip");
     let ask = |i: u32| {
@@ -227,7 +226,6 @@ routes:
         s.max_in_flight = 1;
     })
     .await;
-    s.clock.set(near_real_start_ms());
     let req = || request("shed", vec![desc(&[("route", "slow")])]);
     let r = s.call(req()).await;
     assert_eq!(metadata(&r, "source"), Some("redis"), "{r:?}");

@@ -2,16 +2,13 @@
 //! process memory until its window ends, without a single Redis command, and the answers stay
 //! exactly what Redis would say (OVER_LIMIT, nothing remaining, the true time to reset).
 //!
-//! In process (`server::start`, backend redis, a real `redis-server`) with a manual clock.
-//! The clock starts near real time rather than in 2023: the Lua script expires keys with
-//! `PEXPIREAT window_end`, which Redis reads on its own clock, so a past manual clock would make
-//! Redis drop every counter at once (a separate issue; these tests are about the cache).
-//! Redis commands are counted with `CONFIG RESETSTAT` + `INFO commandstats`.
+//! In process (`server::start`, backend redis, a real `redis-server`) with the manual clock of
+//! `tests/support`. Redis commands are counted with `CONFIG RESETSTAT` + `INFO commandstats`.
 
 mod resilience_support;
 mod support;
 
-use resilience_support::{RedisServer, metric, near_real_start_ms, scrape};
+use resilience_support::{RedisServer, metric, scrape};
 use sluice::config::settings::Backend;
 use support::{Code, MINUTE, Sluice, Unit, desc, limit, metadata, request, status};
 
@@ -30,15 +27,13 @@ routes:
 
 async fn start(redis: &RedisServer) -> Sluice {
     let url = redis.url();
-    let s = Sluice::start_with(&[("cache.yaml", LIMITS)], |s| {
+    Sluice::start_with(&[("cache.yaml", LIMITS)], |s| {
         s.backend = Backend::Redis;
         s.redis.url = url;
         s.redis.command_timeout = "2s".into();
         s.fallback.failure_threshold = 1_000;
     })
-    .await;
-    s.clock.set(near_real_start_ms());
-    s
+    .await
 }
 
 /// Redis commands other than the test's own INFO / CONFIG since the last reset.

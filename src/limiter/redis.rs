@@ -112,7 +112,9 @@ impl RedisStore {
             .with_performance_config(|p| {
                 p.default_command_timeout = command_timeout;
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            // Reconnect attempts back off to at most 500 ms, so counting returns to Redis
+            // within about half a second of it coming back, however long it was down.
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2))
             .build_pool(settings.pool_size.max(1))
             .map_err(|e| RedisSetupError::Client(describe(&e, password.as_deref())))?;
         let _connections = pool.connect_pool();

@@ -20,11 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-// ----- ports, time -----
+// ----- ports -----
 
 /// A loopback port nothing listens on right now (bound to port 0, read, released).
 pub fn free_port() -> u16 {
@@ -37,22 +37,6 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-}
-
-/// Real time, in ms since the epoch.
-pub fn real_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
-}
-
-/// A manual-clock start near real time: 15.250 s into the *next* real minute, so the current
-/// minute window has 44.750 s left and ends (for Redis, which expires keys with `PEXPIREAT`
-/// on its own clock) one to two real minutes from now, well after the test ends.
-pub fn near_real_start_ms() -> u64 {
-    let now = real_now_ms();
-    now - now % 60_000 + 60_000 + 15_250
 }
 
 // ----- redis-server -----
@@ -631,9 +615,14 @@ pub fn pid_cell(pid: Option<u32>) -> PidCell {
 /// from `/proc/<pid>/task/*/schedstat`.
 #[derive(Debug, Default)]
 pub struct Stalls {
-    /// (offset from the origin, per watched process [(thread id, total run-queue wait, ns)]).
-    samples: Vec<(Duration, Vec<Vec<(u32, u64)>>)>,
+    samples: Vec<WaitSample>,
 }
+
+/// Each thread of one process with its total run-queue wait so far, in ns.
+type ThreadWaits = Vec<(u32, u64)>;
+
+/// When (offset from the origin) and, per watched process, its [`ThreadWaits`].
+type WaitSample = (Duration, Vec<ThreadWaits>);
 
 fn most_waited(earlier: &[(u32, u64)], later: &[(u32, u64)]) -> u64 {
     later
@@ -679,7 +668,7 @@ impl Stalls {
 }
 
 /// Each thread of `pid` with its total run-queue wait (ns); empty when /proc cannot say.
-fn run_queue_waits(pid: u32) -> Vec<(u32, u64)> {
+fn run_queue_waits(pid: u32) -> ThreadWaits {
     if pid == 0 {
         return Vec::new();
     }
