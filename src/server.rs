@@ -133,9 +133,13 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     // Redis is wrapped as DESIGN §1 draws it: over-limit cache -> fallback -> Redis.
     let mut cache = None;
     let store: Arc<dyn Store> = match settings.backend {
-        Backend::Memory => memory.clone(),
+        Backend::Memory => {
+            metrics.init_series(memory.source());
+            memory.clone()
+        }
         Backend::Redis => {
             let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&settings.redis).await?);
+            // Before the fallback: it may open the breaker at once and set these series.
             metrics.init_series(redis.source());
             let guarded =
                 Fallback::new(redis, memory.clone(), settings.fallback(), metrics.clone());
@@ -147,7 +151,6 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             cached
         }
     };
-    metrics.init_series(store.source());
     let limiter = Arc::new(
         RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
             .with_metrics(metrics)

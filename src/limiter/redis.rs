@@ -101,36 +101,63 @@ impl RedisStore {
         let connect_timeout = parse(&settings.connect_timeout, Duration::from_secs(1));
         let command_timeout = parse(&settings.command_timeout, Duration::from_millis(50));
         let target = crate::config::settings::redact_url(&settings.url);
-        let pool = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = connect_timeout;
-                c.internal_command_timeout = connect_timeout;
-                // A request must not wait for a reconnect or retry: it fails fast and the
-                // caller's fallback answers.
-                c.max_command_attempts = 1;
-            })
-            .with_performance_config(|p| {
-                p.default_command_timeout = command_timeout;
-            })
-            // Reconnect attempts back off to at most 500 ms, so counting returns to Redis
-            // within about half a second of it coming back, however long it was down.
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2))
-            .build_pool(settings.pool_size.max(1))
-            .map_err(|e| RedisSetupError::Client(describe(&e, password.as_deref())))?;
-        let _connections = pool.connect_pool();
-        match tokio::time::timeout(connect_timeout * 2, pool.wait_for_connect()).await {
-            Ok(Ok(())) => info!(redis = %target, "connected to Redis"),
+        let builder = |fail_fast: bool| {
+            let mut builder = Builder::from_config(config.clone());
+            builder
+                .with_config(|c| c.fail_fast = fail_fast)
+                .with_connection_config(|c| {
+                    c.connection_timeout = connect_timeout;
+                    c.internal_command_timeout = connect_timeout;
+                    // A request must not wait for a reconnect or retry: it fails fast and
+                    // the caller's fallback answers.
+                    c.max_command_attempts = 1;
+                })
+                .with_performance_config(|p| {
+                    p.default_command_timeout = command_timeout;
+                })
+                // Reconnect attempts back off to at most 500 ms, so counting returns to Redis
+                // within about half a second of it coming back, however long it was down.
+                .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2));
+            builder
+        };
+        let secret = |e: &Error| describe(e, password.as_deref());
+
+        // A one-off connection that gives up at the first failure, to tell refused
+        // credentials (fatal: retrying cannot fix them) from a Redis that is not there yet.
+        let probe = builder(true)
+            .build()
+            .map_err(|e| RedisSetupError::Client(secret(&e)))?;
+        let reachable = match tokio::time::timeout(connect_timeout * 2, probe.init()).await {
+            Ok(Ok(_)) => true,
             Ok(Err(e)) => {
-                let message = describe(&e, password.as_deref());
+                let message = secret(&e);
                 let upper = message.to_uppercase();
                 if upper.contains("WRONGPASS") || upper.contains("NOAUTH") || upper.contains("AUTH")
                 {
-                    let _ = pool.quit().await;
+                    let _ = probe.quit().await;
                     return Err(RedisSetupError::Auth(message));
                 }
                 warn!(redis = %target, error = %message, "Redis unreachable; retrying in the background");
+                false
             }
-            Err(_) => warn!(redis = %target, "Redis unreachable; retrying in the background"),
+            Err(_) => {
+                warn!(redis = %target, "Redis unreachable; retrying in the background");
+                false
+            }
+        };
+        let _ = probe.quit().await;
+
+        // The pool never gives up (fail_fast off): it reconnects with backoff for as long as
+        // it takes, while the fallback answers.
+        let pool = builder(false)
+            .build_pool(settings.pool_size.max(1))
+            .map_err(|e| RedisSetupError::Client(secret(&e)))?;
+        let _connections = pool.connect_pool();
+        if reachable {
+            match tokio::time::timeout(connect_timeout, pool.wait_for_connect()).await {
+                Ok(Ok(())) => info!(redis = %target, "connected to Redis"),
+                _ => warn!(redis = %target, "Redis stopped answering during start-up; retrying"),
+            }
         }
         let store = Self {
             pool,
@@ -185,28 +212,30 @@ impl RedisStore {
         for op in ops {
             let period = op.threshold.period_ms();
             let window = now - now % period;
-            // fred's pipeline has no EVALSHA method, so it is sent as a custom command whose
-            // cluster slot is taken from its first key (argument 2: sha, numkeys, key, ...).
-            let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+            let first = match op.algorithm {
+                Algorithm::TokenBucket => format!("sluice:{{{}}}:tb", op.counter),
+                _ => Self::key(&op.counter, window),
+            };
+            // fred's pipeline has no EVALSHA method, so it is sent as a custom command, and
+            // fred routes those only by an explicit slot (else it would hash the SHA). Every
+            // key of a counter shares its hash tag, hence the first key's slot.
+            let slot = fred::util::redis_keyslot(first.as_bytes());
+            let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
             let mut command: Vec<Value> = Vec::with_capacity(10);
             command.push(Value::from(self.sha(op.algorithm)));
-            match op.algorithm {
-                Algorithm::FixedWindow => {
-                    command.push(Value::Integer(1));
-                    command.push(Value::from(Self::key(&op.counter, window)));
-                }
-                Algorithm::SlidingWindow => {
-                    command.push(Value::Integer(2));
-                    command.push(Value::from(Self::key(&op.counter, window)));
-                    command.push(Value::from(Self::key(
-                        &op.counter,
-                        window.saturating_sub(period),
-                    )));
-                }
-                Algorithm::TokenBucket => {
-                    command.push(Value::Integer(1));
-                    command.push(Value::from(format!("sluice:{{{}}}:tb", op.counter)));
-                }
+            let second = match op.algorithm {
+                // A period longer than the time since the epoch has no previous window; a key
+                // that is never written stands in for it, so it cannot alias this window's.
+                Algorithm::SlidingWindow => Some(match window.checked_sub(period) {
+                    Some(previous) => Self::key(&op.counter, previous),
+                    None => format!("sluice:{{{}}}:none", op.counter),
+                }),
+                _ => None,
+            };
+            command.push(Value::Integer(1 + i64::from(second.is_some())));
+            command.push(Value::from(first));
+            if let Some(second) = second {
+                command.push(Value::from(second));
             }
             let args = [
                 op.threshold.limit,
