@@ -155,6 +155,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
             .with_metrics(metrics)
             .with_max_in_flight(settings.max_in_flight)
+            .with_fallback_header(settings.fallback.response_header)
             .with_shadow_mode(settings.shadow_mode),
     );
 

@@ -141,6 +141,12 @@ pub struct RedisSettings {
     pub pool_size: usize,
     pub connect_timeout: String,
     pub command_timeout: String,
+    /// PEM bundle of the CAs trusted for a `rediss://` URL, instead of the system roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to Redis (mTLS); needs `tls_client_key_file`.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert_file`.
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisSettings {
@@ -154,6 +160,9 @@ impl Default for RedisSettings {
             pool_size: 4,
             connect_timeout: "1s".into(),
             command_timeout: "50ms".into(),
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 }
@@ -167,6 +176,9 @@ pub struct FallbackSettings {
     pub failure_threshold: u32,
     /// While open, how often the store is probed (PING) to close the breaker again.
     pub probe_interval: String,
+    /// Adds `X-Sluice-Fallback: true` to `response_headers_to_add` of answers the fallback
+    /// gave, so clients and Envoy's access log can tell them apart.
+    pub response_header: bool,
 }
 
 impl Default for FallbackSettings {
@@ -175,6 +187,7 @@ impl Default for FallbackSettings {
             replicas: 1,
             failure_threshold: 3,
             probe_interval: "250ms".into(),
+            response_header: false,
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::clock::Clock;
 use crate::config::LimitSet;
 use crate::config::load::{DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG};
 use crate::config::settings::RequestBounds;
+use crate::limiter::fallback;
 use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Store, StoreError, Threshold, Unit};
 use crate::matcher::{self, Matched};
 use crate::metrics::{self as m, Decision, Metrics, RequestResult};
@@ -55,6 +56,8 @@ pub struct RateLimiter {
     max_in_flight: usize,
     /// Global shadow mode (`Settings::shadow_mode`): count and report, always answer OK.
     shadow_mode: bool,
+    /// `fallback.response_header`: mark answers the fallback gave.
+    fallback_header: bool,
 }
 
 /// Default for [`RateLimiter::with_max_in_flight`].
@@ -84,6 +87,7 @@ impl RateLimiter {
             in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             shadow_mode: false,
+            fallback_header: false,
         }
     }
 
@@ -92,6 +96,12 @@ impl RateLimiter {
     /// `SHADOW_MODE`.
     pub fn with_shadow_mode(mut self, on: bool) -> Self {
         self.shadow_mode = on;
+        self
+    }
+
+    /// Adds [`FALLBACK_HEADER`] to answers the fallback gave.
+    pub fn with_fallback_header(mut self, on: bool) -> Self {
+        self.fallback_header = on;
         self
     }
 
@@ -233,15 +243,25 @@ impl RateLimiter {
             );
             applied?;
         }
-        Ok(respond(
+        let mut answer = respond(
             &domain.name,
             &matches,
             &ops,
             &self.metrics,
             self.shadow_mode,
-        ))
+        );
+        if self.fallback_header && ops.iter().any(|op| op.source == fallback::SOURCE) {
+            answer.response.response_headers_to_add.push(HeaderValue {
+                key: FALLBACK_HEADER.to_string(),
+                value: "true".to_string(),
+            });
+        }
+        Ok(answer)
     }
 }
+
+/// The header `fallback.response_header` adds to answers the fallback gave.
+pub const FALLBACK_HEADER: &str = "X-Sluice-Fallback";
 
 /// envoyproxy/ratelimit `replaces`, across the request's descriptors: a limit whose
 /// `rate_limit.name` another matched limit names in `replaces` is not applied (its

@@ -1,0 +1,53 @@
+//! `fallback.response_header`: answers the fallback gave carry `X-Sluice-Fallback: true`
+//! (opt-in), and `dynamic_metadata.source` says `fallback` either way.
+
+mod support;
+
+use sluice::config::settings::Backend;
+use support::{Sluice, header, metadata};
+
+const LIMITS: &str = "\
+domain: d
+routes:
+  - name: r
+    global_threshold: { query_per_minute: 10 }
+";
+
+/// A loopback port nothing listens on: Redis is down from the start.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn with_redis_down(response_header: bool) -> Sluice {
+    let port = closed_port();
+    Sluice::start_with(&[("d.yaml", LIMITS)], move |s| {
+        s.backend = Backend::Redis;
+        s.redis.url = format!("redis://127.0.0.1:{port}");
+        s.redis.connect_timeout = "100ms".into();
+        s.fallback.response_header = response_header;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn fallback_answers_carry_the_header_when_asked_for() {
+    let mut sluice = with_redis_down(true).await;
+    let response = sluice.ask_one("d", support::desc(&[("route", "r")])).await;
+    assert_eq!(metadata(&response, "source"), Some("fallback"));
+    assert_eq!(header(&response, "X-Sluice-Fallback"), Some("true"));
+    assert_eq!(
+        response.statuses[0].limit_remaining, 9,
+        "local counting answered"
+    );
+}
+
+#[tokio::test]
+async fn without_the_setting_no_header_is_added() {
+    let mut sluice = with_redis_down(false).await;
+    let response = sluice.ask_one("d", support::desc(&[("route", "r")])).await;
+    assert_eq!(metadata(&response, "source"), Some("fallback"));
+    assert_eq!(header(&response, "X-Sluice-Fallback"), None);
+}
