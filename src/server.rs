@@ -175,15 +175,8 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let (grpc_listener, grpc_addr) = bind(&settings.grpc_addr).await?;
     let (http_listener, http_addr) = bind(&settings.http_addr).await?;
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RateLimitServiceServer<GrpcService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let (health, reflection) =
+        health_and_reflection::<RateLimitServiceServer<GrpcService>>().await?;
     let rls = RateLimitServiceServer::new(GrpcService::new(limiter.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
@@ -240,6 +233,27 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         reloader,
         reload,
     })
+}
+
+/// What every gRPC server of sluice offers beside its RLS service: health (SERVING for `S`)
+/// and reflection over the vendored protos, so grpcurl and ghz need no proto files.
+async fn health_and_reflection<S: tonic::server::NamedService>() -> Result<
+    (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    Ok((health, reflection))
 }
 
 /// The gRPC server's TLS settings, read from the files named in `settings.tls`.
@@ -361,15 +375,7 @@ pub async fn serve_baseline(
         }
     }
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RateLimitServiceServer<Baseline>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let (health, reflection) = health_and_reflection::<RateLimitServiceServer<Baseline>>().await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
