@@ -151,6 +151,12 @@ async fn counts_ok_and_over_limit_exactly_against_sluice() {
     assert_eq!(u(&report, "connections"), 2);
     assert_eq!(report["domain"], "bench");
     assert!(report["throughput_rps"].as_f64().is_some_and(|t| t > 0.0));
+    if cfg!(target_os = "linux") {
+        assert!(
+            report["client_cpu_s"].as_f64().is_some(),
+            "the client's own CPU time: {report}"
+        );
+    }
     assert_latencies(&report);
     server.shutdown(Duration::from_secs(1)).await;
 }
@@ -281,8 +287,7 @@ async fn text_report_and_json_file() {
         "200",
         "-c",
         "4",
-        "--json",
-        path.to_str().expect("utf-8 path"),
+        &format!("--json={}", path.display()),
     ])
     .await;
     assert!(out.status.success(), "{out:?}");

@@ -82,8 +82,15 @@ struct Args {
     /// Seed of the random values (default: from the clock)
     #[arg(long)]
     seed: Option<u64>,
-    /// Print the report as JSON to stdout, or write it to PATH (the text report still prints)
-    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "-")]
+    /// Print the report as JSON to stdout; --json=PATH writes it to PATH instead (and the text
+    /// report still prints)
+    #[arg(
+        long,
+        value_name = "PATH",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "-"
+    )]
     json: Option<String>,
 }
 
@@ -358,11 +365,30 @@ fn validate(args: &Args) -> Result<Vec<Template>, String> {
     args.descriptors.iter().map(|d| parse_template(d)).collect()
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux;
+/// None elsewhere). Load tests on one machine share its CPUs with the server, so the client's
+/// own share is part of the result.
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th
+    // fields of the line, in USER_HZ ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn ms(ns: u64) -> f64 {
     (ns as f64 / 1_000.0).round() / 1_000.0
 }
 
-fn report_json(args: &Args, tally: &Tally, elapsed: Duration) -> serde_json::Value {
+fn report_json(
+    args: &Args,
+    tally: &Tally,
+    elapsed: Duration,
+    cpu: Option<f64>,
+) -> serde_json::Value {
     let h = &tally.latency_ns;
     let requests = tally.requests();
     let secs = elapsed.as_secs_f64();
@@ -381,6 +407,7 @@ fn report_json(args: &Args, tally: &Tally, elapsed: Duration) -> serde_json::Val
         "unknown_code": tally.unknown_code,
         "error_count": tally.error_count(),
         "errors": tally.errors,
+        "client_cpu_s": cpu.map(|c| (c * 100.0).round() / 100.0),
         "latency_ms": {
             "p50": ms(h.value_at_quantile(0.50)),
             "p90": ms(h.value_at_quantile(0.90)),
@@ -392,7 +419,7 @@ fn report_json(args: &Args, tally: &Tally, elapsed: Duration) -> serde_json::Val
     })
 }
 
-fn report_text(args: &Args, tally: &Tally, elapsed: Duration) -> String {
+fn report_text(args: &Args, tally: &Tally, elapsed: Duration, cpu: Option<f64>) -> String {
     let h = &tally.latency_ns;
     let requests = tally.requests();
     let secs = elapsed.as_secs_f64();
@@ -410,13 +437,21 @@ fn report_text(args: &Args, tally: &Tally, elapsed: Duration) -> String {
             .collect();
         format!("{} ({})", tally.error_count(), by_code.join(", "))
     };
+    let cpu = match cpu {
+        Some(c) if requests > 0 => format!(
+            "client cpu  {c:.2} s ({:.1} us per request)\n",
+            c * 1e6 / requests as f64
+        ),
+        _ => String::new(),
+    };
     format!(
         "target      {} domain {} descriptors {}\n\
          load        -c {} over {} connection(s), {pace}\n\
          requests    {requests} in {secs:.2} s = {:.1} req/s\n\
          answers     OK {}, OVER_LIMIT {}{}\n\
          errors      {errors}\n\
-         latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})\n",
+         latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})\n\
+         {cpu}",
         args.target,
         args.domain,
         args.descriptors.join(" | "),
@@ -527,6 +562,7 @@ async fn run(args: Args, templates: Vec<Template>) -> Result<(), String> {
         tally.merge(w.await.map_err(|e| format!("worker failed: {e}"))?);
     }
     let elapsed = start.elapsed();
+    let cpu = own_cpu_seconds();
     stopper.abort();
     if let Some(progress) = progress {
         progress.abort();
@@ -534,14 +570,14 @@ async fn run(args: Args, templates: Vec<Template>) -> Result<(), String> {
     }
 
     match args.json.as_deref() {
-        Some("-") => println!("{}", report_json(&args, &tally, elapsed)),
+        Some("-") => println!("{}", report_json(&args, &tally, elapsed, cpu)),
         Some(path) => {
-            let text = serde_json::to_string_pretty(&report_json(&args, &tally, elapsed))
+            let text = serde_json::to_string_pretty(&report_json(&args, &tally, elapsed, cpu))
                 .map_err(|e| e.to_string())?;
             std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {path}: {e}"))?;
-            print!("{}", report_text(&args, &tally, elapsed));
+            print!("{}", report_text(&args, &tally, elapsed, cpu));
         }
-        None => print!("{}", report_text(&args, &tally, elapsed)),
+        None => print!("{}", report_text(&args, &tally, elapsed, cpu)),
     }
     Ok(())
 }
