@@ -2,8 +2,7 @@
 //! property tests that run random sequences through the memory store and through a real
 //! `redis-server` with the same `now`, requiring identical answers at every step.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod redis_support;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -165,67 +164,6 @@ fn rejected_hits_do_not_move_sliding_window_or_token_bucket_state() {
 
 // ----- memory and Redis agree -----
 
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// `None` (test skipped with a note) when redis-server is missing, unless CI is set.
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is required in CI"
-            );
-            eprintln!("note: redis-server not found; skipping");
-            return None;
-        }
-        let dir = tempfile::tempdir().ok()?;
-        let port = loop {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            if port != 6379 {
-                break port;
-            }
-        };
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Self {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Scenario {
     algorithm: Algorithm,
@@ -261,13 +199,14 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 
 #[test]
 fn memory_and_redis_agree_on_every_step_for_every_algorithm() {
-    let Some(server) = RedisServer::start() else {
+    if !redis_support::redis_available() {
         return;
-    };
+    }
+    let server = redis_support::RedisServer::start();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let redis = rt
         .block_on(RedisStore::connect(&RedisSettings {
-            url: format!("redis://127.0.0.1:{}", server.port),
+            url: server.url(),
             command_timeout: "2s".into(),
             ..RedisSettings::default()
         }))
