@@ -56,6 +56,8 @@ pub struct ServerHandle {
     pub limiter: Arc<RateLimiter>,
     pub readiness: Arc<Readiness>,
     stop: watch::Sender<bool>,
+    /// gRPC health: turned NOT_SERVING at shutdown together with `/readyz`.
+    health: tonic_health::server::HealthReporter,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
@@ -66,15 +68,24 @@ pub struct ServerHandle {
 
 impl ServerHandle {
     /// Stops accepting, lets in-flight requests finish (up to `grace`), then returns.
-    /// `/readyz` answers 503 from the first moment, so balancers stop sending.
+    /// `/readyz` answers 503 and gRPC health NOT_SERVING from the first moment, so balancers
+    /// and Envoy's health checks stop sending; the background tasks (sweeper, reloader,
+    /// breaker probe) see the same signal and end between two steps, never in the middle
+    /// of one.
     pub async fn shutdown(mut self, grace: Duration) {
         self.readiness.drain();
+        self.health
+            .set_not_serving::<RateLimitServiceServer<GrpcService>>()
+            .await;
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = self.stop.send(true);
-        self.sweeper.abort();
-        self.reloader.abort();
         let both = async {
             let grpc = (&mut self.grpc).await;
             let http = (&mut self.http).await;
+            let _ = (&mut self.sweeper).await;
+            let _ = (&mut self.reloader).await;
             (grpc, http)
         };
         match tokio::time::timeout(grace, both).await {
@@ -85,7 +96,7 @@ impl ServerHandle {
                 if let Ok(Err(e)) = http {
                     warn!(error = %e, "HTTP server stopped with an error");
                 }
-                info!("servers stopped");
+                info!("servers and background tasks stopped");
             }
             Err(_) => {
                 warn!(
@@ -94,6 +105,8 @@ impl ServerHandle {
                 );
                 self.grpc.abort();
                 self.http.abort();
+                self.sweeper.abort();
+                self.reloader.abort();
             }
         }
     }
@@ -127,6 +140,16 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     limits.loaded_at_ms = clock.now_ms();
     metrics.config_loaded(true, limits.loaded_at_ms as f64 / 1000.0);
     log_loaded(&limits);
+    if limits.domains.is_empty() {
+        warn!(
+            dir = %settings.limits_dir.display(),
+            "the limits directory holds no limits: every request is answered OK until files \
+             are added (they are picked up without a restart)"
+        );
+    }
+
+    // One signal ends everything started here: servers, sweeper, reloader, breaker probe.
+    let (stop, stopped) = watch::channel(false);
 
     // The memory store always exists: it is the backend, or (later) the local fallback.
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
@@ -141,8 +164,13 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&settings.redis).await?);
             // Before the fallback: it may open the breaker at once and set these series.
             metrics.init_series(redis.source());
-            let guarded =
-                Fallback::new(redis, memory.clone(), settings.fallback(), metrics.clone());
+            let guarded = Fallback::new(
+                redis,
+                memory.clone(),
+                settings.fallback(),
+                metrics.clone(),
+                stopped.clone(),
+            );
             let cached = Arc::new(OverLimitCache::new(
                 Arc::new(FallbackStore(guarded)),
                 settings.over_limit_cache.max_entries,
@@ -159,11 +187,15 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             .with_shadow_mode(settings.shadow_mode),
     );
 
-    let sweep_every = settings.sweep_interval();
+    let sweep_every = settings.memory.sweep_interval;
+    let mut sweep_stop = stopped.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sweep_stop.wait_for(|stop| *stop) => return,
+            }
             let now = clock.now_ms();
             memory.sweep(now);
             if let Some(cache) = &cache {
@@ -175,16 +207,15 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let (grpc_listener, grpc_addr) = bind(&settings.grpc_addr).await?;
     let (http_listener, http_addr) = bind(&settings.http_addr).await?;
 
-    let (health, reflection) =
+    let (health_reporter, health, reflection) =
         health_and_reflection::<RateLimitServiceServer<GrpcService>>().await?;
     let rls = RateLimitServiceServer::new(GrpcService::new(limiter.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
-    let (stop, stopped) = watch::channel(false);
     let reload = Reloader::new(&settings.limits_dir, limiter.clone());
     let reloader = reload
         .clone()
-        .spawn(settings.limits_poll_interval(), stopped.clone());
+        .spawn(settings.limits_poll_interval, stopped.clone());
     let stop_signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -227,6 +258,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         limiter,
         readiness,
         stop,
+        health: health_reporter,
         grpc,
         http,
         sweeper,
@@ -239,6 +271,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 /// and reflection over the vendored protos, so grpcurl and ghz need no proto files.
 async fn health_and_reflection<S: tonic::server::NamedService>() -> Result<
     (
+        tonic_health::server::HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
         tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
             impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
@@ -253,7 +286,7 @@ async fn health_and_reflection<S: tonic::server::NamedService>() -> Result<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Setup(e.to_string()))?;
-    Ok((health, reflection))
+    Ok((reporter, health, reflection))
 }
 
 /// The gRPC server's TLS settings, read from the files named in `settings.tls`.
@@ -303,7 +336,7 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
     let handle = start(&settings, Arc::new(SystemClock)).await?;
     shutdown_signal().await;
     info!("shutting down: finishing in-flight requests");
-    handle.shutdown(settings.shutdown_grace()).await;
+    handle.shutdown(settings.shutdown_grace).await;
     Ok(())
 }
 
@@ -375,7 +408,8 @@ pub async fn serve_baseline(
         }
     }
 
-    let (health, reflection) = health_and_reflection::<RateLimitServiceServer<Baseline>>().await?;
+    let (_reporter, health, reflection) =
+        health_and_reflection::<RateLimitServiceServer<Baseline>>().await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)

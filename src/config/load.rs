@@ -75,7 +75,7 @@ impl std::error::Error for ConfigErrors {}
 /// file's `defaults` set them.
 pub const DEFAULT_REJECTED_CODE: u16 = 429;
 pub const DEFAULT_REJECTED_MSG: &str = "Too many requests";
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+pub const DEFAULT_TIMEOUT: Duration = crate::limiter::DEFAULT_STORE_TIMEOUT;
 
 /// Loads every `*.yaml` / `*.yml` file of a directory (not recursive).
 pub fn load_dir(dir: &Path) -> Result<LimitSet, ConfigErrors> {

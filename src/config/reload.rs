@@ -56,8 +56,28 @@ impl Reloader {
         let now = self.limiter.clock().now_ms();
         match load_dir(&self.dir) {
             Ok(mut set) => {
-                if set.content_hash == self.limiter.limits().content_hash {
+                let current = self.limiter.limits();
+                if set.content_hash == current.content_hash {
                     return ReloadOutcome::Unchanged;
+                }
+                // Every file gone or emptied is far more often a half-applied deployment
+                // (a ConfigMap being rewritten, a volume not mounted yet) than a wish to
+                // stop limiting: keep what is served and say so loudly. An operator who
+                // means it restarts with the empty directory.
+                if set.domains.is_empty() && !current.domains.is_empty() {
+                    let errors = ConfigErrors(vec![super::load::ConfigError {
+                        file: self.dir.clone(),
+                        line: None,
+                        route: None,
+                        field: String::new(),
+                        message: format!(
+                            "the directory holds no limits now (it served {} domain(s)); \
+                             refusing to drop every limit: put the files back, or restart \
+                             sluice to serve an empty directory on purpose",
+                            current.domains.len()
+                        ),
+                    }]);
+                    return self.failed(now, errors);
                 }
                 set.loaded_at_ms = now;
                 let domains = set.domains.len();
@@ -67,19 +87,23 @@ impl Reloader {
                 info!(dir = %self.dir.display(), domains, hash = %hash, "limits reloaded");
                 ReloadOutcome::Reloaded { domains, hash }
             }
-            Err(errors) => {
-                metrics.config_loaded(false, now as f64 / 1000.0);
-                for e in &errors.0 {
-                    error!(
-                        file = %e.file.display(),
-                        line = e.line.unwrap_or(0),
-                        error = %e,
-                        "limits reload failed; the previous limits stay in service"
-                    );
-                }
-                ReloadOutcome::Failed(errors)
-            }
+            Err(errors) => self.failed(now, errors),
         }
+    }
+
+    fn failed(&self, now: u64, errors: ConfigErrors) -> ReloadOutcome {
+        self.limiter
+            .metrics()
+            .config_loaded(false, now as f64 / 1000.0);
+        for e in &errors.0 {
+            error!(
+                file = %e.file.display(),
+                line = e.line.unwrap_or(0),
+                error = %e,
+                "limits reload failed; the previous limits stay in service"
+            );
+        }
+        ReloadOutcome::Failed(errors)
     }
 
     /// Watches for changes until `stop` turns true.

@@ -23,7 +23,8 @@ pub struct Settings {
     pub limits_dir: PathBuf,
     /// How often the limits directory is also checked for changes, besides file events and
     /// SIGHUP (a safety net for file systems without events).
-    pub limits_poll_interval: String,
+    #[serde(with = "humantime_serde")]
+    pub limits_poll_interval: Duration,
     /// Where counters live.
     pub backend: Backend,
     /// Log filter, in `tracing` env-filter syntax (`info`, `sluice=debug`).
@@ -46,7 +47,8 @@ pub struct Settings {
     /// gRPC server TLS; off when `cert_file` is not set.
     pub tls: TlsSettings,
     /// How long in-flight requests may take to finish after SIGTERM before the server exits.
-    pub shutdown_grace: String,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Settings {
@@ -55,7 +57,7 @@ impl Default for Settings {
             grpc_addr: "0.0.0.0:8081".into(),
             http_addr: "0.0.0.0:8080".into(),
             limits_dir: PathBuf::from("config/limits"),
-            limits_poll_interval: "5s".into(),
+            limits_poll_interval: Duration::from_secs(5),
             backend: Backend::Memory,
             log: "info".into(),
             log_format: LogFormat::Text,
@@ -64,7 +66,7 @@ impl Default for Settings {
             redis: RedisSettings::default(),
             fallback: FallbackSettings::default(),
             over_limit_cache: OverLimitCacheSettings::default(),
-            shutdown_grace: "10s".into(),
+            shutdown_grace: Duration::from_secs(10),
             max_in_flight: 4096,
             shadow_mode: false,
             tls: TlsSettings::default(),
@@ -92,28 +94,38 @@ pub struct MemorySettings {
     /// Most counters held at once; see `limiter::memory` for what happens at the bound.
     pub max_entries: usize,
     /// How often expired counters are dropped.
-    pub sweep_interval: String,
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for MemorySettings {
     fn default() -> Self {
         Self {
             max_entries: 1_000_000,
-            sweep_interval: "10s".into(),
+            sweep_interval: Duration::from_secs(10),
         }
     }
 }
 
-/// Bounds on what one request may carry; beyond them it is refused with INVALID_ARGUMENT,
-/// so no request can make the server do unbounded work or build unbounded keys.
+/// Bounds on the shape of a request: only on what Envoy's own configuration decides (the
+/// domain, the number of descriptors and entries, entry keys), never on a value a client of
+/// Envoy controls. Envoy lets an errored request through uncounted when `failure_mode_deny`
+/// is false (its default), so refusing a long header value would let any client pad its way
+/// past a limit; such values are counted, their key component hashed to a fixed length.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RequestBounds {
     pub max_descriptors: usize,
     pub max_entries: usize,
-    /// Longest entry key or value, in bytes.
-    pub max_value_bytes: usize,
-    /// Largest encoded gRPC request, in bytes (enforced by the transport).
+    /// Longest domain or entry key, in bytes. Entry values are not bounded here: only the
+    /// message bound applies to them. (`max_value_bytes`, its name before values were
+    /// exempted, is still read.)
+    #[serde(alias = "max_value_bytes")]
+    pub max_key_bytes: usize,
+    /// Largest encoded gRPC request, in bytes (enforced by the transport). It must hold the
+    /// largest headers Envoy forwards (`max_request_headers_kb`, 60 KiB by default) in every
+    /// descriptor that carries one: a bigger request is refused by the transport, and Envoy
+    /// lets a refused request through.
     pub max_message_bytes: usize,
 }
 
@@ -122,8 +134,8 @@ impl Default for RequestBounds {
         Self {
             max_descriptors: 64,
             max_entries: 32,
-            max_value_bytes: 4096,
-            max_message_bytes: 1 << 20,
+            max_key_bytes: 4096,
+            max_message_bytes: 4 << 20,
         }
     }
 }
@@ -139,8 +151,13 @@ pub struct RedisSettings {
     pub password_file: Option<PathBuf>,
     pub database: u32,
     pub pool_size: usize,
-    pub connect_timeout: String,
-    pub command_timeout: String,
+    /// How long a connection attempt may take (start-up and reconnects).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// fred's own bound on one command; the route's `timeout` (10 ms by default) is what
+    /// bounds a request, so this only has to be no shorter than it.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
     /// PEM bundle of the CAs trusted for a `rediss://` URL, instead of the system roots.
     pub tls_ca_file: Option<PathBuf>,
     /// PEM client certificate chain presented to Redis (mTLS); needs `tls_client_key_file`.
@@ -158,8 +175,8 @@ impl Default for RedisSettings {
             password_file: None,
             database: 0,
             pool_size: 4,
-            connect_timeout: "1s".into(),
-            command_timeout: "50ms".into(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(10),
             tls_ca_file: None,
             tls_client_cert_file: None,
             tls_client_key_file: None,
@@ -175,7 +192,8 @@ pub struct FallbackSettings {
     /// Consecutive store failures (errors or timeouts) that open the circuit breaker.
     pub failure_threshold: u32,
     /// While open, how often the store is probed (PING) to close the breaker again.
-    pub probe_interval: String,
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
     /// Adds `X-Sluice-Fallback: true` to `response_headers_to_add` of answers the fallback
     /// gave, so clients and Envoy's access log can tell them apart.
     pub response_header: bool,
@@ -186,7 +204,7 @@ impl Default for FallbackSettings {
         Self {
             replicas: 1,
             failure_threshold: 3,
-            probe_interval: "250ms".into(),
+            probe_interval: Duration::from_millis(250),
             response_header: false,
         }
     }
@@ -278,8 +296,12 @@ impl Settings {
                 map.insert(key.to_string(), Value::String(value));
             }
         }
-        let settings: Settings = serde_json::from_value(tree)
-            .map_err(|e| SettingsError::Invalid(format!("invalid setting: {e}")))?;
+        // The path of a bad value names the setting (and so its variable), e.g. a duration
+        // written `10 parsecs`.
+        let settings: Settings = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            SettingsError::Invalid(format!("{path} ({}): {}", env_name(&path), e.into_inner()))
+        })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -312,16 +334,6 @@ impl Settings {
                 )));
             }
         }
-        for (name, value) in [
-            ("memory.sweep_interval", &self.memory.sweep_interval),
-            ("shutdown_grace", &self.shutdown_grace),
-            ("limits_poll_interval", &self.limits_poll_interval),
-            ("redis.connect_timeout", &self.redis.connect_timeout),
-            ("redis.command_timeout", &self.redis.command_timeout),
-            ("fallback.probe_interval", &self.fallback.probe_interval),
-        ] {
-            parse_duration(name, value)?;
-        }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(SettingsError::Invalid(
                 "tls: set both cert_file and key_file (or neither to serve without TLS)".into(),
@@ -332,17 +344,118 @@ impl Settings {
                 "tls.client_ca_file needs tls.cert_file and tls.key_file: client certificates are verified only over TLS".into(),
             ));
         }
-        if self.max_in_flight == 0 {
-            return Err(SettingsError::Invalid(
-                "max_in_flight: must be at least 1".into(),
-            ));
+        let mut problems = Vec::new();
+        let mut count = |name: &str, value: u64, min: u64, max: u64| {
+            if !(min..=max).contains(&value) {
+                problems.push(format!(
+                    "{name} ({}): {value} is out of range: allowed {min} to {max}",
+                    env_name(name)
+                ));
+            }
+        };
+        // Each bound says what the setting can sensibly be on one machine; beyond it a
+        // typo (an extra zero, a byte count for a count) would otherwise be taken at its word.
+        count("max_in_flight", self.max_in_flight as u64, 1, 1_000_000);
+        count(
+            "memory.max_entries",
+            self.memory.max_entries as u64,
+            1,
+            1 << 30,
+        );
+        count(
+            "request.max_descriptors",
+            self.request.max_descriptors as u64,
+            1,
+            1024,
+        );
+        count(
+            "request.max_entries",
+            self.request.max_entries as u64,
+            1,
+            1024,
+        );
+        count(
+            "request.max_key_bytes",
+            self.request.max_key_bytes as u64,
+            16,
+            1 << 20,
+        );
+        count(
+            "request.max_message_bytes",
+            self.request.max_message_bytes as u64,
+            4096,
+            256 << 20,
+        );
+        // fred selects a database with one byte; Redis itself defaults to 16 databases.
+        count("redis.database", u64::from(self.redis.database), 0, 255);
+        count("redis.pool_size", self.redis.pool_size as u64, 1, 256);
+        count(
+            "fallback.replicas",
+            u64::from(self.fallback.replicas),
+            1,
+            100_000,
+        );
+        count(
+            "fallback.failure_threshold",
+            u64::from(self.fallback.failure_threshold),
+            1,
+            1_000_000,
+        );
+        count(
+            "over_limit_cache.max_entries",
+            self.over_limit_cache.max_entries as u64,
+            1,
+            1 << 30,
+        );
+        let mut span = |name: &str, value: Duration, min: Duration, max: Duration| {
+            if !(min..=max).contains(&value) {
+                problems.push(format!(
+                    "{name} ({}): {} is out of range: allowed {} to {}",
+                    env_name(name),
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ));
+            }
+        };
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        span(
+            "limits_poll_interval",
+            self.limits_poll_interval,
+            ms(100),
+            secs(3600),
+        );
+        span(
+            "memory.sweep_interval",
+            self.memory.sweep_interval,
+            ms(100),
+            secs(3600),
+        );
+        span("shutdown_grace", self.shutdown_grace, ms(0), secs(600));
+        span(
+            "redis.connect_timeout",
+            self.redis.connect_timeout,
+            ms(10),
+            secs(60),
+        );
+        span(
+            "redis.command_timeout",
+            self.redis.command_timeout,
+            ms(1),
+            secs(60),
+        );
+        span(
+            "fallback.probe_interval",
+            self.fallback.probe_interval,
+            ms(10),
+            secs(60),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SettingsError::Invalid(problems.join("\n")))
         }
-        if self.memory.max_entries == 0 {
-            return Err(SettingsError::Invalid(
-                "memory.max_entries: must be at least 1".into(),
-            ));
-        }
-        Ok(())
     }
 
     /// A copy safe to show: passwords replaced, including one inside the Redis URL.
@@ -355,30 +468,12 @@ impl Settings {
         shown
     }
 
-    pub fn sweep_interval(&self) -> Duration {
-        parse_duration("memory.sweep_interval", &self.memory.sweep_interval)
-            .unwrap_or(Duration::from_secs(10))
-    }
-
     pub fn fallback(&self) -> crate::limiter::fallback::FallbackConfig {
         crate::limiter::fallback::FallbackConfig {
             replicas: self.fallback.replicas.max(1),
             failure_threshold: self.fallback.failure_threshold.max(1),
-            probe_interval: parse_duration(
-                "fallback.probe_interval",
-                &self.fallback.probe_interval,
-            )
-            .unwrap_or(Duration::from_millis(250)),
+            probe_interval: self.fallback.probe_interval,
         }
-    }
-
-    pub fn limits_poll_interval(&self) -> Duration {
-        parse_duration("limits_poll_interval", &self.limits_poll_interval)
-            .unwrap_or(Duration::from_secs(5))
-    }
-
-    pub fn shutdown_grace(&self) -> Duration {
-        parse_duration("shutdown_grace", &self.shutdown_grace).unwrap_or(Duration::from_secs(10))
     }
 }
 
@@ -416,13 +511,9 @@ pub fn redact_url(url: &str) -> String {
     shown
 }
 
-fn parse_duration(name: &str, value: &str) -> Result<Duration, SettingsError> {
-    match humantime::parse_duration(value) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(SettingsError::Invalid(format!(
-            "{name}: \"{value}\" is not a duration: write it like `10s` or `500ms`"
-        ))),
-    }
+/// The environment variable of a setting path (`redis.pool_size` -> `SLUICE_REDIS_POOL_SIZE`).
+fn env_name(path: &str) -> String {
+    format!("SLUICE_{}", path.replace('.', "_").to_uppercase())
 }
 
 /// Replaces every leaf of `tree` whose `SLUICE_<PATH>` variable is set.
@@ -522,5 +613,136 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("disk"), "{err}");
+    }
+
+    fn load_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load(
+            None,
+            move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            &Overrides::default(),
+        )
+    }
+
+    /// Every numeric setting: (variable, smallest allowed, largest allowed).
+    const COUNTS: &[(&str, u64, u64)] = &[
+        ("SLUICE_MAX_IN_FLIGHT", 1, 1_000_000),
+        ("SLUICE_MEMORY_MAX_ENTRIES", 1, 1 << 30),
+        ("SLUICE_REQUEST_MAX_DESCRIPTORS", 1, 1024),
+        ("SLUICE_REQUEST_MAX_ENTRIES", 1, 1024),
+        ("SLUICE_REQUEST_MAX_KEY_BYTES", 16, 1 << 20),
+        ("SLUICE_REQUEST_MAX_MESSAGE_BYTES", 4096, 256 << 20),
+        ("SLUICE_REDIS_DATABASE", 0, 255),
+        ("SLUICE_REDIS_POOL_SIZE", 1, 256),
+        ("SLUICE_FALLBACK_REPLICAS", 1, 100_000),
+        ("SLUICE_FALLBACK_FAILURE_THRESHOLD", 1, 1_000_000),
+        ("SLUICE_OVER_LIMIT_CACHE_MAX_ENTRIES", 1, 1 << 30),
+    ];
+
+    #[test]
+    fn every_count_setting_is_checked_against_its_range() {
+        for &(var, min, max) in COUNTS {
+            for ok in [min, max] {
+                let value = ok.to_string();
+                assert!(
+                    load_env(&[(var, &value)]).is_ok(),
+                    "{var}={value} should be accepted"
+                );
+            }
+            let mut bad = vec![max + 1, u64::MAX];
+            if min > 0 {
+                bad.push(min - 1);
+            }
+            for wrong in bad {
+                let value = wrong.to_string();
+                let err = load_env(&[(var, &value)])
+                    .expect_err(&format!("{var}={value} should be refused"))
+                    .to_string();
+                assert!(err.contains(var), "{var}={value}: {err}");
+                assert!(
+                    err.contains(&format!("{min} to {max}")) || err.contains(&value),
+                    "{var}={value} names neither the range nor the value: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_reported_settings_that_wrapped_or_panicked_are_refused_with_their_range() {
+        let err = load_env(&[("SLUICE_MAX_IN_FLIGHT", "4611686018427387904")]).unwrap_err();
+        assert!(err.to_string().contains("allowed 1 to 1000000"), "{err}");
+        let err = load_env(&[("SLUICE_REDIS_DATABASE", "300")]).unwrap_err();
+        assert!(err.to_string().contains("allowed 0 to 255"), "{err}");
+        let err = load_env(&[("SLUICE_REDIS_POOL_SIZE", "1000000")]).unwrap_err();
+        assert!(err.to_string().contains("allowed 1 to 256"), "{err}");
+        // Wider than the field itself: named, not wrapped.
+        let err = load_env(&[("SLUICE_REDIS_DATABASE", "4294967596")]).unwrap_err();
+        assert!(err.to_string().contains("SLUICE_REDIS_DATABASE"), "{err}");
+        let err = load_env(&[("SLUICE_FALLBACK_REPLICAS", "-1")]).unwrap_err();
+        assert!(
+            err.to_string().contains("SLUICE_FALLBACK_REPLICAS"),
+            "{err}"
+        );
+    }
+
+    /// Every duration setting: (variable, smallest allowed, largest allowed).
+    const SPANS: &[(&str, &str, &str)] = &[
+        ("SLUICE_LIMITS_POLL_INTERVAL", "100ms", "1h"),
+        ("SLUICE_MEMORY_SWEEP_INTERVAL", "100ms", "1h"),
+        ("SLUICE_SHUTDOWN_GRACE", "0s", "10m"),
+        ("SLUICE_REDIS_CONNECT_TIMEOUT", "10ms", "1m"),
+        ("SLUICE_REDIS_COMMAND_TIMEOUT", "1ms", "1m"),
+        ("SLUICE_FALLBACK_PROBE_INTERVAL", "10ms", "1m"),
+    ];
+
+    #[test]
+    fn every_duration_setting_is_typed_and_checked_against_its_range() {
+        for &(var, min, max) in SPANS {
+            for ok in [min, max] {
+                assert!(
+                    load_env(&[(var, ok)]).is_ok(),
+                    "{var}={ok} should be accepted"
+                );
+            }
+            let above = humantime::parse_duration(max).unwrap() + Duration::from_millis(1);
+            let above = humantime::format_duration(above).to_string();
+            let min_d = humantime::parse_duration(min).unwrap();
+            let mut bad = vec![above, "10 parsecs".to_string(), "".to_string()];
+            if !min_d.is_zero() {
+                bad.push(humantime::format_duration(min_d / 2).to_string());
+            }
+            for wrong in &bad {
+                let err = load_env(&[(var, wrong)])
+                    .expect_err(&format!("{var}={wrong:?} should be refused"))
+                    .to_string();
+                assert!(err.contains(var), "{var}={wrong:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_settings_file_with_a_bad_duration_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.yaml");
+        std::fs::write(&file, "log: info\nredis:\n  command_timeout: soon\n").unwrap();
+        let err = Settings::load(Some(&file), |_: &str| None, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sluice.yaml:3"), "{err}");
+        std::fs::write(&file, "redis:\n  command_timeout: 5ms\n").unwrap();
+        let s = Settings::load(Some(&file), |_: &str| None, &Overrides::default()).unwrap();
+        assert_eq!(s.redis.command_timeout, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn the_old_name_of_the_key_bound_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.yaml");
+        std::fs::write(&file, "request:\n  max_value_bytes: 512\n").unwrap();
+        let s = Settings::load(Some(&file), |_: &str| None, &Overrides::default()).unwrap();
+        assert_eq!(s.request.max_key_bytes, 512);
     }
 }

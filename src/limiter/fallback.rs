@@ -35,6 +35,8 @@ pub struct Fallback {
     config: FallbackConfig,
     breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
+    /// Turns true at shutdown: a running probe ends instead of being dropped mid-call.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Closed (calls go to the store) or open (they do not). Atomics, not a lock: the hot path
@@ -51,6 +53,7 @@ impl Fallback {
         local: Arc<MemoryStore>,
         config: FallbackConfig,
         metrics: Arc<Metrics>,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Self> {
         let fallback = Arc::new(Self {
             inner,
@@ -61,6 +64,7 @@ impl Fallback {
                 failures: AtomicU32::new(0),
             }),
             metrics,
+            stop,
         });
         if let Err(reason) = fallback.inner.ready() {
             fallback.open(&reason);
@@ -90,8 +94,12 @@ impl Fallback {
 
     async fn probe_until_closed(self: Arc<Self>) {
         let every = self.config.probe_interval;
+        let mut stop = self.stop.clone();
         loop {
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
             let answered = matches!(
                 tokio::time::timeout(every, self.inner.probe()).await,
                 Ok(Ok(()))
@@ -131,7 +139,7 @@ impl Fallback {
             .iter()
             .any(|op| op.policy.fallback == FallbackMode::Error)
         {
-            return Err(error);
+            return Err(StoreError::Declined(Box::new(error)));
         }
         for op in ops.iter_mut() {
             let period = op.threshold.period_ms();
@@ -184,7 +192,7 @@ impl Store for FallbackStore {
                 .iter()
                 .map(|op| op.policy.timeout)
                 .min()
-                .unwrap_or(Duration::from_millis(50));
+                .unwrap_or(super::DEFAULT_STORE_TIMEOUT);
             let error = match tokio::time::timeout(budget, fallback.inner.apply(ops, now)).await {
                 Ok(Ok(())) => {
                     fallback.breaker.failures.store(0, Ordering::Release);

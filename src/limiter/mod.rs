@@ -116,6 +116,12 @@ pub enum FallbackMode {
     Error,
 }
 
+/// The route `timeout` when none is set: the most one request waits for the store before the
+/// fallback answers. Envoy's ratelimit filter gives up after 20 ms by default (its `timeout`)
+/// and then lets the request through uncounted, so the store must be given up on well before
+/// that: 10 ms leaves the other half for the fallback, the network and scheduling.
+pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// How a counter's route wants store trouble handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpPolicy {
@@ -127,7 +133,7 @@ pub struct OpPolicy {
 impl Default for OpPolicy {
     fn default() -> Self {
         Self {
-            timeout: std::time::Duration::from_millis(50),
+            timeout: DEFAULT_STORE_TIMEOUT,
             fallback: FallbackMode::Local,
         }
     }
@@ -178,16 +184,27 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store returned an unexpected reply: {0}")]
     BadReply(String),
+    /// The store failed and a route's `fallback: error` declines to answer in its place.
+    /// The failure was counted where it happened (in the fallback), so whoever receives this
+    /// must not count it again.
+    #[error("{0} (the route's fallback is `error`)")]
+    Declined(Box<StoreError>),
 }
 
 impl StoreError {
     /// A fixed label for metrics.
-    pub const fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Timeout => "timeout",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::BadReply(_) => "bad_reply",
+            StoreError::Declined(inner) => inner.kind(),
         }
+    }
+
+    /// Whether this failure still has to be counted in `sluice_store_errors_total`.
+    pub fn uncounted(&self) -> bool {
+        !matches!(self, StoreError::Declined(_))
     }
 }
 

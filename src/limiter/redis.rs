@@ -12,7 +12,6 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fred::interfaces::LuaInterface;
 use fred::prelude::*;
@@ -245,8 +244,8 @@ impl RedisStore {
         if settings.database != 0 {
             config.database = Some(settings.database as u8);
         }
-        let connect_timeout = parse(&settings.connect_timeout, Duration::from_secs(1));
-        let command_timeout = parse(&settings.command_timeout, Duration::from_millis(50));
+        let connect_timeout = settings.connect_timeout;
+        let command_timeout = settings.command_timeout;
         let target = crate::config::settings::redact_url(&settings.url);
         let builder = |fail_fast: bool| {
             let mut builder = Builder::from_config(config.clone());
@@ -278,9 +277,7 @@ impl RedisStore {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => {
                 let message = secret(&e);
-                let upper = message.to_uppercase();
-                if upper.contains("WRONGPASS") || upper.contains("NOAUTH") || upper.contains("AUTH")
-                {
+                if refused_credentials(&e) {
                     let _ = probe.quit().await;
                     return Err(RedisSetupError::Auth(message));
                 }
@@ -354,7 +351,15 @@ impl RedisStore {
     }
 
     async fn run_batch(&self, ops: &[CounterOp], now: u64) -> Vec<Result<Value, Error>> {
-        let client = self.pool.next();
+        // A connection that is down would queue the batch behind its reconnection until a
+        // timeout fires: take one that is up, or fail now so the fallback answers at once.
+        let client = self.pool.next_connected();
+        if !client.is_connected() {
+            return vec![Err(Error::new(
+                ErrorKind::IO,
+                format!("no connection to {} is up", self.target),
+            ))];
+        }
         let pipeline = client.pipeline();
         for op in ops {
             let period = op.threshold.period_ms();
@@ -406,8 +411,15 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn parse(value: &str, default: Duration) -> Duration {
-    humantime::parse_duration(value).unwrap_or(default)
+/// Whether Redis itself refused the credentials, which retrying cannot fix. Decided from
+/// Redis's reply (fred maps `WRONGPASS` and `NOAUTH` to an auth error), never from words in
+/// a message: a connect error to a host named `auth-cache` is not a refusal.
+fn refused_credentials(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Auth)
+        || e.details().starts_with("WRONGPASS")
+        || e.details().starts_with("NOAUTH")
+        // A password given to a Redis that has none: a configuration error as well.
+        || (e.details().starts_with("ERR AUTH") && e.details().contains("without any password"))
 }
 
 fn is_noscript(e: &Error) -> bool {
@@ -507,6 +519,37 @@ impl Store for RedisStore {
             Ok(())
         } else {
             Err(format!("not connected to {}", self.target))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_redis_refusing_the_credentials_is_a_credentials_error() {
+        for refused in [
+            Error::new(ErrorKind::Auth, "WRONGPASS invalid username-password pair"),
+            Error::new(ErrorKind::Unknown, "NOAUTH Authentication required."),
+            Error::new(
+                ErrorKind::Unknown,
+                "ERR AUTH <password> called without any password configured for the default user.",
+            ),
+        ] {
+            assert!(refused_credentials(&refused), "{refused:?}");
+        }
+        // Words in a connect error are not a refusal: the host may be called auth-cache.
+        for other in [
+            Error::new(
+                ErrorKind::IO,
+                "connect to auth-cache:6379: connection refused",
+            ),
+            Error::new(ErrorKind::IO, "AUTH timed out"),
+            Error::new(ErrorKind::Timeout, "Request timed out after AUTH"),
+            Error::new(ErrorKind::Unknown, "ERR unknown command 'AUTHX'"),
+        ] {
+            assert!(!refused_credentials(&other), "{other:?}");
         }
     }
 }

@@ -235,7 +235,12 @@ impl RateLimiter {
             let now = self.clock.now_ms();
             let store_started = Instant::now();
             let applied = self.store.apply(&mut ops, now).await;
-            let kind = applied.as_ref().err().map(StoreError::kind);
+            // A failure the fallback absorbed or declined was counted there, once.
+            let kind = applied
+                .as_ref()
+                .err()
+                .filter(|e| e.uncounted())
+                .map(StoreError::kind);
             self.metrics.store_call(
                 self.store.source(),
                 store_started.elapsed().as_secs_f64(),
@@ -298,16 +303,21 @@ fn hits(descriptor: &RateLimitDescriptor, request_hits: u64) -> u64 {
 /// The most hits one descriptor can add: 2^40, well above any limit (at most 2^32 - 1).
 pub const MAX_HITS: u64 = 1 << 40;
 
+/// Refuses only what Envoy's own configuration decides: the domain, how many descriptors and
+/// entries, the entry keys. Entry values come from Envoy's clients (headers, paths,
+/// addresses) and are never refused, whatever their length: Envoy lets an errored request
+/// through uncounted by default, so an error there would be a way past the limit. They are
+/// counted like any other value, their key component hashed to a fixed length.
 fn validate(request: &RateLimitRequest, bounds: &RequestBounds) -> Result<(), RequestError> {
     let invalid = |m: String| Err(RequestError::Invalid(m));
     if request.domain.is_empty() {
         return invalid("domain is empty: every request names its rate limit domain".into());
     }
-    if request.domain.len() > bounds.max_value_bytes {
+    if request.domain.len() > bounds.max_key_bytes {
         return invalid(format!(
-            "domain is {} bytes, more than the bound of {}",
+            "domain is {} bytes, more than the bound of {} (request.max_key_bytes)",
             request.domain.len(),
-            bounds.max_value_bytes
+            bounds.max_key_bytes
         ));
     }
     if request.descriptors.is_empty() {
@@ -335,12 +345,12 @@ fn validate(request: &RateLimitRequest, bounds: &RequestBounds) -> Result<(), Re
             if e.key.is_empty() {
                 return invalid(format!("descriptor {i} entry {j} has an empty key"));
             }
-            let longest = e.key.len().max(e.value.len());
-            if longest > bounds.max_value_bytes {
+            if e.key.len() > bounds.max_key_bytes {
                 return invalid(format!(
-                    "descriptor {i} entry {j} (\"{}\") is {longest} bytes, more than the bound of {} (request.max_value_bytes)",
+                    "descriptor {i} entry {j} has a key (\"{}...\") of {} bytes, more than the bound of {} (request.max_key_bytes); entry keys come from Envoy's descriptor_key settings",
                     truncate(&e.key, 64),
-                    bounds.max_value_bytes
+                    e.key.len(),
+                    bounds.max_key_bytes
                 ));
             }
         }
