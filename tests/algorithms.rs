@@ -2,7 +2,7 @@
 //! property tests that run random sequences through the memory store and through a real
 //! `redis-server` with the same `now`, requiring identical answers at every step.
 
-mod redis_support;
+mod common;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -199,15 +199,12 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 
 #[test]
 fn memory_and_redis_agree_on_every_step_for_every_algorithm() {
-    if !redis_support::redis_available() {
-        return;
-    }
-    let server = redis_support::RedisServer::start();
+    let server = common::redis::RedisServer::start();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let redis = rt
         .block_on(RedisStore::connect(&RedisSettings {
             url: server.url(),
-            command_timeout: "2s".into(),
+            command_timeout: std::time::Duration::from_secs(2),
             ..RedisSettings::default()
         }))
         .expect("connect to the test redis");

@@ -6,18 +6,19 @@
 //! field is written; when the field is absent (a route without limits, an item without
 //! `limit_keys`), the line where the route, item or key that lacks it starts.
 
-mod support_config;
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::config::{
+    Expect, Files, assert_error, domain_of, errors_of, find, line_equal, line_of, line_of_nth,
+    render, route, rules, single,
+};
+use common::repo;
 use sluice::config::{Domain, LimitBy, RouteLimits, load_paths};
 use sluice::limiter::{Threshold, Unit};
-use support_config::{
-    Expect, Files, assert_error, domain_of, errors_of, find, line_equal, line_of, line_of_nth,
-    render, repo, route, rules, single,
-};
 
 fn expect<'a>(file: &'a std::path::Path, line: u64, route: &'a str, field: &'a str) -> Expect<'a> {
     Expect {

@@ -2,16 +2,17 @@
 //! other (the Envoy bootstrap asks for routes the limits define). A YAML file added under
 //! `config/` without a test here fails `every_yaml_example_under_config_has_a_test`.
 
-mod support_config;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use common::config::{route, rules};
+use common::repo;
 use serde_json::Value;
 use sluice::config::settings::{Overrides, Settings};
 use sluice::config::{LimitBy, LimitSet, RouteLimits, load_dir, parse_file};
 use sluice::limiter::{Threshold, Unit};
-use support_config::{repo, route, rules};
 
 /// Every YAML file under `config/`, and the test that loads it.
 const KNOWN_EXAMPLES: &[(&str, &str)] = &[

@@ -3,26 +3,19 @@
 //! Prometheus example (`config/prometheus/prometheus.yml`) scrapes the port and path sluice
 //! serves its metrics on by default.
 
-mod support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
+use common::repo;
+use common::sluice::*;
 use regex::Regex;
 use serde_json::Value;
 use sluice::config::Settings;
-use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const DASHBOARD: &str = "config/grafana/sluice-dashboard.json";
 const PROMETHEUS: &str = "config/prometheus/prometheus.yml";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -162,39 +155,6 @@ fn dashboard_parses_and_queries_through_the_datasource_variable() {
     );
 }
 
-// ----- a running server's /metrics -----
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect to HTTP");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send request");
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read response");
-        raw
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .expect("an answer within 10 s");
-    let text = String::from_utf8(raw).expect("UTF-8");
-    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    assert!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "this client reads plain bodies only:\n{head}"
-    );
-    (status, body.to_string())
-}
-
 const LIMITS: &str = r#"
 domain: web
 routes:
@@ -234,8 +194,9 @@ async fn every_metric_on_the_dashboard_is_exported_by_a_running_server() {
     }
     s.ask("elsewhere", &[&[("route", "api")]]).await;
 
-    let (status, text) = get(s.handle().http_addr, "/metrics").await;
-    assert_eq!(status, 200, "{text}");
+    let r = common::http::get(s.handle().http_addr, "/metrics").await;
+    let text = r.body;
+    assert_eq!(r.status, 200, "{text}");
     let exported = exported_names(&text);
 
     let d = dashboard();

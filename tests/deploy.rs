@@ -3,15 +3,14 @@
 //! parses, its ports, probes and environment match the settings, and the ConfigMap's limits
 //! load. No container engine runs here, so these checks are what can be proven.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::repo;
 use serde_json::Value;
 use sluice::config::Settings;
 use sluice::config::settings::Overrides;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))

@@ -12,17 +12,18 @@
 //! `current_limit.name` of an envoyproxy/ratelimit limit is its `rate_limit.name`, else the
 //! path of the descriptor it belongs to (`key=value/key2`).
 
-mod support;
-mod support_config;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
+use common::config::{Expect, Files, assert_error, errors_of, find, line_of, render, single};
+use common::repo;
+use common::rls::*;
+use common::sluice::*;
 use serde_json::json;
 use sluice::config::{LimitSet, load_paths};
 use sluice::limiter::Unit as LimitUnit;
-use support::*;
-use support_config::{Expect, Files, assert_error, errors_of, find, line_of, render, repo, single};
 
 /// The status of an `unlimited: true` descriptor, as envoyproxy/ratelimit answers it: OK, no
 /// `current_limit`, and the most `limit_remaining` can say.

@@ -5,9 +5,10 @@
 //! Each test runs its own server on a loopback port with a manual clock (DESIGN §3: no test
 //! sleeps to cross a window) and asserts whole answers.
 
-mod support;
+mod common;
 
-use support::*;
+use common::rls::*;
+use common::sluice::*;
 
 /// One route per rule kind, each with a named key so `current_limit.name` is `route/name`.
 const KINDS: &str = r#"

@@ -3,10 +3,11 @@
 //! health and reflection services answer; and 10,000 seeded random requests over one
 //! connection all get an answer.
 
-mod support;
+mod common;
 
+use common::rls::*;
+use common::sluice::*;
 use sluice::config::settings::RequestBounds;
-use support::*;
 use tonic::Code as GrpcCode;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -39,7 +40,7 @@ fn small_bounds(settings: &mut sluice::config::Settings) {
     settings.request = RequestBounds {
         max_descriptors: 2,
         max_entries: 3,
-        max_value_bytes: 16,
+        max_key_bytes: 16,
         max_message_bytes: 4096,
     };
 }
@@ -149,45 +150,47 @@ async fn more_entries_than_the_bound_are_invalid() {
 }
 
 #[tokio::test]
-async fn longer_values_keys_and_domains_than_the_bound_are_invalid() {
+async fn longer_keys_and_domains_than_the_bound_are_invalid_but_long_values_are_counted() {
     let mut s = small().await;
     let sixteen = "v".repeat(16);
     let seventeen = "v".repeat(17);
     // Exactly at the bound: fine.
-    let ok = s
-        .ask("d", &[&[("route", "r"), ("x-api-key", &sixteen)]])
-        .await;
+    let ok = s.ask("d", &[&[("route", "r"), (&sixteen, "v")]]).await;
     assert_eq!(ok.overall_code, Code::Ok as i32);
 
-    let message = refused(
-        &mut s,
-        request(
-            "d",
-            vec![desc(&[("route", "r"), ("x-api-key", &seventeen)])],
-        ),
-    )
-    .await;
-    assert_mentions(
-        &message,
-        &[
-            "descriptor 0",
-            "entry 1",
-            "17 bytes",
-            "16",
-            "max_value_bytes",
-        ],
-    );
+    // A value is what a client of Envoy sends (a header, a path): never refused, whatever
+    // its length, since Envoy lets a refused request through. It is counted.
+    // It is counted, under its own counter (route `keys`: 2 per second per key).
+    let long = "v".repeat(1000);
+    for n in 1..=2 {
+        let answer = s
+            .ask("d", &[&[("route", "keys"), ("x-api-key", &long)]])
+            .await;
+        assert_eq!(answer.overall_code, Code::Ok as i32, "request {n}");
+    }
+    let answer = s
+        .ask("d", &[&[("route", "keys"), ("x-api-key", &long)]])
+        .await;
+    assert_eq!(answer.overall_code, Code::OverLimit as i32, "{answer:?}");
+    let other = format!("{}w", "v".repeat(999));
+    let answer = s
+        .ask("d", &[&[("route", "keys"), ("x-api-key", &other)]])
+        .await;
+    assert_eq!(answer.overall_code, Code::Ok as i32, "{answer:?}");
 
     let message = refused(
         &mut s,
         request("d", vec![desc(&[("route", "r"), (&seventeen, "v")])]),
     )
     .await;
-    assert_mentions(&message, &["entry 1", "17 bytes", "16"]);
+    assert_mentions(
+        &message,
+        &["descriptor 0", "entry 1", "17 bytes", "16", "max_key_bytes"],
+    );
 
     // Bytes, not characters: 9 two-byte characters are 18 bytes.
     let accents = "é".repeat(9);
-    let message = refused(&mut s, request("d", vec![desc(&[("route", &accents)])])).await;
+    let message = refused(&mut s, request("d", vec![desc(&[(&accents, "r")])])).await;
     assert_mentions(&message, &["18 bytes", "16"]);
 
     let message = refused(
@@ -583,16 +586,15 @@ fn fuzz_request(rng: &mut Rng, max_message_bytes: usize) -> RateLimitRequest {
 /// Whether DESIGN §5 and the bounds make this request valid.
 fn is_valid(req: &RateLimitRequest, b: &RequestBounds) -> bool {
     !req.domain.is_empty()
-        && req.domain.len() <= b.max_value_bytes
+        && req.domain.len() <= b.max_key_bytes
         && !req.descriptors.is_empty()
         && req.descriptors.len() <= b.max_descriptors
         && req.descriptors.iter().all(|d| {
             !d.entries.is_empty()
                 && d.entries.len() <= b.max_entries
                 && d.entries.iter().all(|e| {
-                    !e.key.is_empty()
-                        && e.key.len() <= b.max_value_bytes
-                        && e.value.len() <= b.max_value_bytes
+                    // Values are never refused: a client of Envoy controls them.
+                    !e.key.is_empty() && e.key.len() <= b.max_key_bytes
                 })
         })
 }

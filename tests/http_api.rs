@@ -1,23 +1,22 @@
-//! The HTTP side (DESIGN §5 and §6) of an in-process server on loopback ports, driven by a
+//! The HTTP side of an in-process server on loopback ports, driven by a
 //! `ManualClock`: `/metrics` counts every request and decision exactly and never puts a
 //! request value in a label; `/healthz` and `/readyz` say whether to send traffic and why not;
 //! `/config` shows every effective setting with the route it came from and no secret;
 //! `POST /json` answers like gRPC, with the route's HTTP status, message and quota headers.
 //!
-//! HTTP is spoken by a tiny HTTP/1.1 client over a plain `TcpStream` (one request per
-//! connection, `Connection: close`), so the tests see exactly the bytes a scraper or `curl`
-//! would. Time never passes by itself: windows are crossed by moving the clock.
+//! HTTP is spoken by the kit's tiny HTTP/1.1 client (`common::http`: a plain `TcpStream`, one
+//! request per connection, `Connection: close`), so the tests see exactly the bytes a scraper
+//! or `curl` would. Time never passes by itself: windows are crossed by moving the clock.
 
-mod support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::Duration;
 
+use common::http::{HttpResponse, get};
+use common::rls::*;
+use common::sluice::*;
 use serde_json::{Value, json};
-use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Limits of the domain `web`, used by every test here.
 ///
@@ -65,125 +64,8 @@ async fn web() -> Sluice {
     Sluice::start(&[("web.yaml", WEB)]).await
 }
 
-// ----- a tiny HTTP/1.1 client -----
-
-#[derive(Debug)]
-struct HttpResponse {
-    status: u16,
-    /// Names in lower case, in the order received.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
-    }
-}
-
-/// One request on a fresh connection; reads the whole answer (the server closes).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect to HTTP");
-        let mut request =
-            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(body) = body {
-            request.push_str("Content-Type: application/json\r\n");
-            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        request.push_str("\r\n");
-        request.push_str(body.unwrap_or(""));
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send request");
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read response");
-        raw
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete answer within 10 s"));
-    parse_response(&raw)
-}
-
-async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
-    http(addr, "GET", path, None).await
-}
-
 async fn post_json(addr: SocketAddr, body: &str) -> HttpResponse {
-    http(addr, "POST", "/json", Some(body)).await
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn parse_response(raw: &[u8]) -> HttpResponse {
-    let head_end = find(raw, b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of headers in: {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..head_end]).expect("headers are text");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    assert!(version.starts_with("HTTP/1."), "status line: {status_line}");
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line: {status_line}"));
-    let headers: Vec<(String, String)> = lines
-        .map(|line| {
-            let (name, value) = line
-                .split_once(':')
-                .unwrap_or_else(|| panic!("header line: {line}"));
-            (name.trim().to_ascii_lowercase(), value.trim().to_string())
-        })
-        .collect();
-    let mut body = raw[head_end + 4..].to_vec();
-    let value = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    };
-    if value("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body);
-    } else if let Some(length) = value("content-length") {
-        let length: usize = length.parse().expect("content-length");
-        assert!(body.len() >= length, "body shorter than content-length");
-        body.truncate(length);
-    }
-    HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8(body).expect("body is UTF-8"),
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = find(data, b"\r\n").expect("chunk size line");
-        let size_line = std::str::from_utf8(&data[..line_end]).expect("chunk size");
-        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16).expect("chunk size");
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
+    common::http::post_json(addr, "/json", body).await
 }
 
 // ----- the Prometheus text format -----

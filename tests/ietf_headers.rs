@@ -1,10 +1,11 @@
 //! `rate_limit_headers: ietf` over real gRPC: `RateLimit-Policy` lists each descriptor's
 //! policy, `RateLimit` reports the most restrictive one, and the numbers are the statuses'.
 
-mod support;
+mod common;
 
+use common::rls::{desc, header, request};
+use common::sluice::Sluice;
 use sfv::{BareItem, ListEntry, Parser};
-use support::{Sluice, desc, header, request};
 
 const LIMITS: &str = "\
 domain: web

@@ -3,8 +3,10 @@
 //! hidden `sluice baseline` subcommand as a process. Every run is a few hundred requests and
 //! bounded in time; the JSON report is checked field by field.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,9 @@ use sluice::clock::ManualClock;
 use sluice::config::Settings;
 use sluice::server::{ServerHandle, serve_baseline, start};
 use tempfile::TempDir;
+
+use common::sluice::{SluiceProcess, sluice_command};
+use common::{free_port, run_bounded};
 
 const LIMITS: &str = r#"
 domain: bench
@@ -46,26 +51,10 @@ async fn sluice() -> (ServerHandle, TempDir) {
 async fn load(args: &[&str]) -> Output {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sluice-load runs");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // The reports are small: they fit in the pipes until the child exits.
-        loop {
-            match child.try_wait().expect("wait for sluice-load") {
-                Some(_) => return child.wait_with_output().expect("sluice-load output"),
-                None if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("sluice-load {args:?} did not finish within 60 s");
-                }
-                None => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
+        run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_sluice-load")).args(&args),
+            Duration::from_secs(60),
+        )
     })
     .await
     .expect("sluice-load thread")
@@ -324,10 +313,7 @@ async fn bad_arguments_and_a_dead_target_fail_clearly() {
     );
 
     // Nothing listens there: the run fails at connect, it does not spin.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = free_port();
     let out = load(&[&format!("127.0.0.1:{port}"), "-n", "10"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
@@ -336,37 +322,10 @@ async fn bad_arguments_and_a_dead_target_fail_clearly() {
     );
 }
 
-/// Kills the child on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hidden_baseline_subcommand_serves() {
-    let port = loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
-        if port != 6379 {
-            break port;
-        }
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let _baseline = Process(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["baseline", "--grpc-addr", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sluice baseline runs"),
-    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _baseline = SluiceProcess::launch(&["baseline", "--grpc-addr", &addr.to_string()], &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(Instant::now() < deadline, "sluice baseline did not listen");
@@ -376,7 +335,7 @@ async fn the_hidden_baseline_subcommand_serves() {
     assert_eq!(u(&report, "ok"), 200, "{report}");
 
     // Hidden from the help, still there.
-    let help = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let help = sluice_command()
         .arg("--help")
         .output()
         .expect("sluice --help");

@@ -4,20 +4,22 @@
 //!
 //! Each test starts its own cluster on free loopback ports (killed on drop).
 
-mod redis_support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use redis_support::*;
+use common::MINUTE;
+use common::cluster::RedisCluster;
+use common::redis::Resp;
+use common::redis::resp;
+use common::scenarios::*;
+use common::store::connect;
 use sluice::limiter::memory::MemoryStore;
 use sluice::limiter::redis::RedisStore;
 use sluice::limiter::{Algorithm, CounterOp, HitMode, Outcome, Store, Unit};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_table_matches_memory_on_a_cluster() {
-    if !redis_available() {
-        return;
-    }
     let cluster = RedisCluster::start(3);
     let store = connect(&cluster.url()).await;
     check_table(&store, "table").await;
@@ -25,9 +27,6 @@ async fn conformance_table_matches_memory_on_a_cluster() {
 
 #[test]
 fn random_sequences_match_memory_on_a_cluster() {
-    if !redis_available() {
-        return;
-    }
     let cluster = RedisCluster::start(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -50,9 +49,6 @@ fn op(counter: String, limit: u64) -> CounterOp {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_counters_spread_over_every_master() {
-    if !redis_available() {
-        return;
-    }
     let cluster = RedisCluster::start(3);
     let store = connect(&cluster.url()).await;
     let now = BASE_MS + 15_250;
@@ -91,9 +87,6 @@ async fn distinct_counters_spread_over_every_master() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_spanning_every_node_is_counted_on_each() {
-    if !redis_available() {
-        return;
-    }
     let cluster = RedisCluster::start(3);
     let store = connect(&cluster.url()).await;
     let now = BASE_MS + 15_250;

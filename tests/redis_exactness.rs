@@ -8,23 +8,22 @@
 //! 15 s left in the current minute (the one wait these tests allow) and checks afterwards that
 //! it finished in the same minute.
 
-mod redis_support;
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use redis_support::*;
+use common::cluster::RedisCluster;
+use common::http;
+use common::now_ms;
+use common::redis::RedisServer;
+use common::rls::{Code, RateLimitDescriptor, RateLimitServiceClient, desc, request};
+use common::sluice::SluiceProcess;
 use sluice::limiter::redis::RedisStore;
-use support::{Code, RateLimitServiceClient, desc, request};
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
 /// Store budget and fallback for these limits: a slow reply on a loaded machine must not be
 /// answered by the local fallback (which would count apart and break exactness silently);
@@ -42,95 +41,59 @@ routes:
           - { key: "*", name: tenant, query_per_minute: 100 }
 "#;
 
-/// One `sluice serve` process, killed (SIGKILL, by its pid) and reaped on drop.
-struct SluiceProcess {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    log: PathBuf,
-}
-
-impl SluiceProcess {
-    fn spawn(redis_url: &str, limits: &Path, logs: &Path, index: usize) -> Self {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = logs.join(format!("sluice-{index}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve");
-        // Nothing inherited from the environment changes what it does.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("SLUICE_") {
-                cmd.env_remove(name);
+/// Polls `/readyz` until the process serves with Redis reachable (at most 30 s).
+async fn wait_ready(process: &mut SluiceProcess) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = process.try_wait() {
+            panic!("sluice exited at start ({status}):\n{}", process.output());
+        }
+        if tokio::net::TcpStream::connect(process.http_addr)
+            .await
+            .is_ok()
+        {
+            let ready =
+                http::get_within(process.http_addr, "/readyz", Duration::from_secs(5)).await;
+            if ready.status == 200
+                && ready.body.contains("reachable")
+                && !ready.body.contains("fallback")
+            {
+                return;
             }
         }
-        cmd.env("SLUICE_GRPC_ADDR", grpc.to_string())
-            .env("SLUICE_HTTP_ADDR", http.to_string())
-            .env("SLUICE_BACKEND", "redis")
-            .env("SLUICE_REDIS_URL", redis_url)
-            .env("SLUICE_REDIS_COMMAND_TIMEOUT", "5s")
-            .env("SLUICE_LIMITS_DIR", limits)
-            .env("SLUICE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().expect("log file")))
-            .stderr(Stdio::from(out));
-        let child = cmd.spawn().expect("start sluice");
-        Self {
-            child,
-            grpc,
-            http,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls `/readyz` until the process serves with Redis reachable (at most 30 s).
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("sluice exited at start ({status}):\n{}", self.log());
-            }
-            if tokio::net::TcpStream::connect(self.http).await.is_ok() {
-                let (code, body) = http_get(self.http, "/readyz").await;
-                if code == 200 && body.contains("reachable") && !body.contains("fallback") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sluice on {} not ready after 30 s:\n{}",
-                self.http,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice on {} not ready after 30 s:\n{}",
+            process.http_addr,
+            process.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-impl Drop for SluiceProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Three processes on `redis_url`, ready, each with a connected client.
+/// Three `sluice serve` processes on `redis_url`, ready, each with a connected client.
 async fn start_three(
     redis_url: &str,
     limits: &Path,
-    logs: &Path,
 ) -> (Vec<SluiceProcess>, Vec<RateLimitServiceClient<Channel>>) {
-    let mut processes: Vec<SluiceProcess> = (0..3)
-        .map(|i| SluiceProcess::spawn(redis_url, limits, logs, i))
-        .collect();
+    let mut processes: Vec<SluiceProcess> = tokio::task::block_in_place(|| {
+        (0..3)
+            .map(|_| {
+                SluiceProcess::spawn(
+                    limits,
+                    &[
+                        ("SLUICE_BACKEND", "redis"),
+                        ("SLUICE_REDIS_URL", redis_url),
+                        ("SLUICE_REDIS_COMMAND_TIMEOUT", "5s"),
+                    ],
+                )
+            })
+            .collect()
+    });
     let mut clients = Vec::new();
     for p in &mut processes {
-        p.wait_ready().await;
-        let channel = Channel::from_shared(format!("http://{}", p.grpc))
+        wait_ready(p).await;
+        let channel = Channel::from_shared(format!("http://{}", p.grpc_addr))
             .expect("uri")
             .connect_timeout(Duration::from_secs(5))
             .connect()
@@ -139,13 +102,6 @@ async fn start_three(
         clients.push(RateLimitServiceClient::new(channel));
     }
     (processes, clients)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
 }
 
 /// The one allowed wait: the real binary counts in real minutes, so the run must not cross a
@@ -169,7 +125,7 @@ struct Tally {
 /// carries the descriptor `descriptors[i % len]`.
 async fn hammer(
     clients: &[RateLimitServiceClient<Channel>],
-    descriptors: Vec<support::RateLimitDescriptor>,
+    descriptors: Vec<RateLimitDescriptor>,
     total: usize,
 ) -> Tally {
     let next = Arc::new(AtomicUsize::new(0));
@@ -225,13 +181,9 @@ fn limits_dir() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_on_one_redis_admit_exactly_the_limit() {
-    if !redis_available() {
-        return;
-    }
     let redis = RedisServer::start();
     let limits = limits_dir();
-    let logs = tempfile::tempdir().expect("temp dir");
-    let (processes, clients) = start_three(&redis.url(), limits.path(), logs.path()).await;
+    let (processes, clients) = start_three(&redis.url(), limits.path()).await;
 
     let minute = start_of_a_quiet_minute().await;
     let tally = hammer(&clients, vec![desc(&[("route", "api")])], 1_000).await;
@@ -244,7 +196,7 @@ async fn three_replicas_on_one_redis_admit_exactly_the_limit() {
     let logs_text = || {
         processes
             .iter()
-            .map(SluiceProcess::log)
+            .map(SluiceProcess::output)
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
@@ -266,12 +218,8 @@ async fn three_replicas_on_one_redis_admit_exactly_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_on_a_cluster_admit_exactly_the_limit_per_counter() {
-    if !redis_available() {
-        return;
-    }
     let cluster = RedisCluster::start(3);
     let limits = limits_dir();
-    let logs = tempfile::tempdir().expect("temp dir");
 
     // Four tenants per master, chosen by where their counters' keys live.
     let set = sluice::config::load_dir(limits.path()).expect("limits load");
@@ -295,7 +243,7 @@ async fn three_replicas_on_a_cluster_admit_exactly_the_limit_per_counter() {
     }
     assert_eq!(per_node.len(), 3, "{per_node:?}");
 
-    let (processes, clients) = start_three(&cluster.url(), limits.path(), logs.path()).await;
+    let (processes, clients) = start_three(&cluster.url(), limits.path()).await;
     let descriptors: Vec<_> = tenants
         .iter()
         .map(|t| desc(&[("route", "tenants"), ("x-tenant", t)]))
@@ -310,7 +258,7 @@ async fn three_replicas_on_a_cluster_admit_exactly_the_limit_per_counter() {
     let logs_text = || {
         processes
             .iter()
-            .map(SluiceProcess::log)
+            .map(SluiceProcess::output)
             .collect::<Vec<_>>()
             .join("\n---\n")
     };

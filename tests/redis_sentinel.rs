@@ -2,11 +2,15 @@
 //! and the replica follows. One master, one replica and one sentinel per test, on free
 //! loopback ports (killed on drop).
 
-mod redis_support;
-mod support;
+mod common;
 
-use redis_support::*;
-use support::{Code, Sluice, limit, status};
+use common::redis::Resp;
+use common::rls::{Code, Unit, limit, metadata, status};
+use common::scenarios::{BASE_MS, check_table};
+use common::sentinel::RedisSentinel;
+use common::sluice::Sluice;
+use common::store::{connect, use_redis};
+use common::{MINUTE, wait_until};
 
 const LIMITS: &str = r#"
 domain: sen
@@ -18,15 +22,12 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_counts_on_the_master_the_sentinel_names() {
-    if !redis_available() {
-        return;
-    }
     let setup = RedisSentinel::start(1);
     let mut sluice =
         Sluice::start_with(&[("sen.yaml", LIMITS)], |s| use_redis(s, &setup.url())).await;
     sluice.clock.set(BASE_MS + 15_250);
 
-    let expected = limit(2, support::Unit::Minute, "r/global");
+    let expected = limit(2, Unit::Minute, "r/global");
     for (remaining, code) in [(1, Code::Ok), (0, Code::Ok), (0, Code::OverLimit)] {
         let now = sluice.now();
         let response = sluice.ask("sen", &[&[("route", "r")]]).await;
@@ -34,7 +35,7 @@ async fn sluice_counts_on_the_master_the_sentinel_names() {
             response.statuses,
             vec![status(code, &expected, remaining, MINUTE - now % MINUTE)]
         );
-        assert_eq!(support::metadata(&response, "source"), Some("redis"));
+        assert_eq!(metadata(&response, "source"), Some("redis"));
         sluice.advance(1);
     }
 
@@ -53,9 +54,6 @@ async fn sluice_counts_on_the_master_the_sentinel_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_table_matches_memory_through_sentinel() {
-    if !redis_available() {
-        return;
-    }
     let setup = RedisSentinel::start(1);
     let store = connect(&setup.url()).await;
     check_table(&store, "table").await;

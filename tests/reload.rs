@@ -3,14 +3,14 @@
 //! rules keep their counters, and a Kubernetes-style `..data` symlink swap is picked up from
 //! file events alone.
 
-mod support;
+mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::sluice::Sluice;
 use sluice::config::reload::ReloadOutcome;
 use sluice::proto::rls::rate_limit_response::Code;
-use support::Sluice;
 
 const EDGE: &str = "\
 domain: edge
@@ -39,7 +39,7 @@ fn hash(sluice: &Sluice) -> String {
 
 /// A setting that keeps the poll out of the way, so only file events can trigger.
 fn events_only(settings: &mut sluice::config::Settings) {
-    settings.limits_poll_interval = "1h".into();
+    settings.limits_poll_interval = std::time::Duration::from_secs(3600);
 }
 
 #[tokio::test]

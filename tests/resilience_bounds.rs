@@ -3,19 +3,20 @@
 //! `over_limit_cache.max_entries`, and with `max_in_flight` reached a request is refused at once
 //! with RESOURCE_EXHAUSTED instead of queueing behind a slow store.
 
-mod resilience_support;
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use resilience_support::{RedisServer, metric, peak_rss_kib, rss_kib, scrape};
+use common::metrics::{metric, peak_rss_kib, rss_kib, scrape};
+use common::redis::RedisServer;
+use common::rls::{Code, Unit, desc, limit, metadata, request, status};
+use common::sluice::Sluice;
 use sluice::clock::ManualClock;
 use sluice::config::load_dir;
 use sluice::config::settings::{Backend, RequestBounds};
 use sluice::limiter::memory::MemoryStore;
 use sluice::service::RateLimiter;
-use support::{Code, Sluice, Unit, desc, limit, metadata, request, status};
 
 const PER_IP: &str = r#"
 domain: flood
@@ -46,7 +47,7 @@ fn flood(n: u32, max: usize) {
     let limiter = RateLimiter::new(
         limits,
         store.clone(),
-        Arc::new(ManualClock::new(support::START_MS)),
+        Arc::new(ManualClock::new(common::rls::START_MS)),
         RequestBounds::default(),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -133,21 +134,19 @@ fn a_flood_of_a_million_distinct_keys_stays_within_memory_max_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_over_limit_counters_do_not_grow_the_over_limit_cache_past_its_bound() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     const BOUND: usize = 5;
     const COUNTERS: u32 = 40;
     let url = redis.url();
     let mut s = Sluice::start_with(&[("flood.yaml", PER_IP)], |s| {
         s.backend = Backend::Redis;
         s.redis.url = url;
-        s.redis.command_timeout = "2s".into();
+        s.redis.command_timeout = std::time::Duration::from_secs(2);
         s.fallback.failure_threshold = 1_000;
         s.over_limit_cache.max_entries = BOUND;
     })
     .await;
-    let reset = s.until_reset(support::MINUTE);
+    let reset = s.until_reset(common::MINUTE);
     let per_ip = limit(1, Unit::Minute, "per-ip/by-ip");
     let ask = |i: u32| {
         request(
@@ -173,7 +172,7 @@ async fn many_over_limit_counters_do_not_grow_the_over_limit_cache_past_its_boun
             "{i}: {second:?}"
         );
     }
-    let page = scrape(s.handle().http_addr);
+    let page = scrape(s.handle().http_addr).await;
     let entries = metric(&page, "sluice_over_limit_cache_entries")
         .unwrap_or_else(|| panic!("no sluice_over_limit_cache_entries on /metrics:\n{page}"));
     println!(
@@ -205,9 +204,7 @@ async fn many_over_limit_counters_do_not_grow_the_over_limit_cache_past_its_boun
 /// with RESOURCE_EXHAUSTED at once, not after the store timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_max_in_flight_requests_are_refused_at_once_with_resource_exhausted() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     const SLOW_LIMITS: &str = r#"
 domain: shed
 routes:
@@ -221,7 +218,7 @@ routes:
         s.backend = Backend::Redis;
         s.redis.url = url;
         // The route's 300 ms decides, not the client's own command timeout.
-        s.redis.command_timeout = "5s".into();
+        s.redis.command_timeout = std::time::Duration::from_secs(5);
         s.fallback.failure_threshold = 1_000_000;
         s.max_in_flight = 1;
     })

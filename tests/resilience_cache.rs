@@ -1,16 +1,18 @@
-//! The over-limit cache (DESIGN §3): once Redis says a counter is over, sluice answers it from
+//! The over-limit cache: once Redis says a counter is over, sluice answers it from
 //! process memory until its window ends, without a single Redis command, and the answers stay
 //! exactly what Redis would say (OVER_LIMIT, nothing remaining, the true time to reset).
 //!
 //! In process (`server::start`, backend redis, a real `redis-server`) with the manual clock of
-//! `tests/support`. Redis commands are counted with `CONFIG RESETSTAT` + `INFO commandstats`.
+//! the kit's in-process server (`common::sluice::Sluice`). Redis commands are counted with `CONFIG RESETSTAT` + `INFO commandstats`.
 
-mod resilience_support;
-mod support;
+mod common;
 
-use resilience_support::{RedisServer, metric, scrape};
+use common::MINUTE;
+use common::metrics::{metric, scrape};
+use common::redis::RedisServer;
+use common::rls::{Code, Unit, desc, limit, metadata, request, status};
+use common::sluice::Sluice;
 use sluice::config::settings::Backend;
-use support::{Code, MINUTE, Sluice, Unit, desc, limit, metadata, request, status};
 
 const LIMITS: &str = r#"
 domain: cache
@@ -30,7 +32,7 @@ async fn start(redis: &RedisServer) -> Sluice {
     Sluice::start_with(&[("cache.yaml", LIMITS)], |s| {
         s.backend = Backend::Redis;
         s.redis.url = url;
-        s.redis.command_timeout = "2s".into();
+        s.redis.command_timeout = std::time::Duration::from_secs(2);
         s.fallback.failure_threshold = 1_000;
     })
     .await
@@ -71,9 +73,7 @@ async fn drive_tight_over(s: &mut Sluice, window_end: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_over_limit_counter_is_answered_without_redis_until_its_window_ends() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let mut s = start(&redis).await;
     let window_end = s.now() - s.now() % MINUTE + MINUTE;
     drive_tight_over(&mut s, window_end).await;
@@ -107,7 +107,7 @@ async fn an_over_limit_counter_is_answered_without_redis_until_its_window_ends()
          but Redis ran {calls:?}"
     );
 
-    let page = scrape(s.handle().http_addr);
+    let page = scrape(s.handle().http_addr).await;
     assert_eq!(
         metric(&page, "sluice_over_limit_cache_hits_total"),
         Some(CACHED as f64),
@@ -145,7 +145,7 @@ async fn an_over_limit_counter_is_answered_without_redis_until_its_window_ends()
         1,
         "after the window ends the counter is counted in Redis again"
     );
-    let page = scrape(s.handle().http_addr);
+    let page = scrape(s.handle().http_addr).await;
     assert_eq!(
         metric(&page, "sluice_over_limit_cache_hits_total"),
         Some(CACHED as f64 + 1.0),
@@ -158,9 +158,7 @@ async fn an_over_limit_counter_is_answered_without_redis_until_its_window_ends()
 /// answer is assembled in descriptor order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_a_cached_counter_sends_only_the_others_to_redis() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let mut s = start(&redis).await;
     let window_end = s.now() - s.now() % MINUTE + MINUTE;
     drive_tight_over(&mut s, window_end).await;
@@ -199,7 +197,7 @@ async fn a_batch_with_a_cached_counter_sends_only_the_others_to_redis() {
         ),
         "{r:?}"
     );
-    assert_eq!(r.statuses[2], support::unlimited(), "{r:?}");
+    assert_eq!(r.statuses[2], common::rls::unlimited(), "{r:?}");
     assert_eq!(
         metadata(&r, "source"),
         Some("local_cache"),

@@ -2,11 +2,11 @@
 //! with no flags serves `config/limits` in memory, answers Envoy, and exits 0 on SIGTERM;
 //! `sluice version` prints the version; broken limits stop `serve` with the file and route.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use common::sluice::{SluiceProcess, sluice_command};
 use sluice::proto::descriptor::RateLimitDescriptor;
 use sluice::proto::descriptor::rate_limit_descriptor::Entry;
 use sluice::proto::rls::RateLimitRequest;
@@ -14,112 +14,13 @@ use sluice::proto::rls::rate_limit_response::Code;
 use sluice::proto::rls::rate_limit_response::rate_limit::Unit;
 use sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-/// A port nothing listens on right now (bound, read, released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `sluice` with a clean environment: no inherited `SLUICE_*` variable changes what it does.
-fn sluice() -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(REPO);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SLUICE_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
-}
-
-/// A child process that is killed (by its own pid) if the test ends before it does.
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn spawn(mut cmd: Command) -> Self {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sluice");
-        Self { child }
-    }
-
-    /// Waits up to `limit` for the process to exit.
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn output(&mut self) -> (String, String) {
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = self.child.stderr.take() {
-            let _ = s.read_to_string(&mut err);
-        }
-        (out, err)
-    }
-
-    /// Polls until `addr` accepts connections (bounded); fails early if the process exits.
-    fn wait_until_accepting(&mut self, addr: SocketAddr, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                let (out, err) = self.output();
-                panic!("sluice exited before serving ({status}):\nstdout: {out}\nstderr: {err}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sluice did not accept on {addr} within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_no_flags_answers_envoy_and_exits_cleanly_on_sigterm() {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cmd = sluice();
-    // No flags: everything else comes from the defaults. The HTTP port is moved off 8080 only
-    // so the test cannot collide with anything else on the machine.
-    cmd.arg("serve")
-        .env("SLUICE_GRPC_ADDR", addr.to_string())
-        .env("SLUICE_HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
-    let mut server = Running::spawn(cmd);
-    server.wait_until_accepting(addr, Duration::from_secs(30));
+    // No flags: everything but the two addresses comes from the defaults. The HTTP port is
+    // moved off 8080 only so the test cannot collide with anything else on the machine.
+    let mut server = SluiceProcess::launch(&["serve"], &[]);
+    server.wait_until_accepting(Duration::from_secs(30));
+    let addr = server.grpc_addr;
 
     let mut client = RateLimitServiceClient::connect(format!("http://{addr}"))
         .await
@@ -150,14 +51,9 @@ async fn serve_with_no_flags_answers_envoy_and_exits_cleanly_on_sigterm() {
     assert_eq!(status.limit_remaining, 999);
 
     // SIGTERM, as Kubernetes and systemd send it; the client connection is still open.
-    let pid = server.child.id().to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success(), "kill -TERM {pid}: {kill}");
+    server.signal("TERM");
     let exit = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(5)));
-    let (out, err) = server.output();
+    let (out, err) = (server.stdout(), server.stderr());
     let exit = exit.unwrap_or_else(|| panic!("still running 5 s after SIGTERM\nstderr: {err}"));
     assert!(
         exit.success(),
@@ -168,7 +64,7 @@ async fn serve_with_no_flags_answers_envoy_and_exits_cleanly_on_sigterm() {
 
 #[test]
 fn version_prints_the_crate_version() {
-    let out = sluice()
+    let out = sluice_command()
         .arg("version")
         .output()
         .expect("run sluice version");
@@ -179,7 +75,7 @@ fn version_prints_the_crate_version() {
         format!("sluice {}", env!("CARGO_PKG_VERSION"))
     );
 
-    let out = sluice()
+    let out = sluice_command()
         .arg("--version")
         .output()
         .expect("run sluice --version");
@@ -209,14 +105,10 @@ routes:
 "#,
     )
     .unwrap();
-    let port = free_port();
-    let mut cmd = sluice();
-    cmd.arg("serve")
-        .env("SLUICE_LIMITS_DIR", dir.path())
-        .env("SLUICE_GRPC_ADDR", format!("127.0.0.1:{port}"));
-    let mut server = Running::spawn(cmd);
+    let limits = dir.path().display().to_string();
+    let mut server = SluiceProcess::launch(&["serve"], &[("SLUICE_LIMITS_DIR", &limits)]);
     let exit = server.wait_for_exit(Duration::from_secs(20));
-    let (out, err) = server.output();
+    let (out, err) = (server.stdout(), server.stderr());
     let exit =
         exit.unwrap_or_else(|| panic!("sluice kept running with broken limits\nstderr: {err}"));
     assert!(

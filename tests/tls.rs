@@ -1,29 +1,25 @@
-//! gRPC over TLS (`settings.tls`): certificates are made at test time with rcgen (a CA, a
-//! server certificate for `localhost` and 127.0.0.1, a client certificate); the server runs in
-//! process with its files in a temporary directory.
+//! gRPC over TLS (`settings.tls`): certificates are made at test time by the kit
+//! (`common::certs`: a CA, a server certificate for `localhost` and 127.0.0.1, a client
+//! certificate); the server runs in process with its files in a temporary directory.
 //!
 //! - A client trusting the CA is answered; one that does not trust it (no roots, another CA)
 //!   or that speaks plaintext gets no answer.
 //! - With `client_ca_file`, a client without a certificate (or with one from another CA) is
 //!   refused, and one presenting a certificate signed by the CA is answered.
 
-mod support;
+mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use sluice::config::Settings;
-use sluice::server::{ServerHandle, start};
-use support::{
+use common::certs::{Pki, write_pem};
+use common::rls::{
     Code, ManualClock, RateLimitResponse, RateLimitServiceClient, START_MS, Unit, desc, limit,
     request,
 };
+use sluice::config::Settings;
+use sluice::server::{ServerHandle, start};
 use tempfile::TempDir;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -33,68 +29,6 @@ routes:
   - name: api
     global_threshold: { query_per_minute: 10 }
 "#;
-
-/// A certificate and its private key, PEM.
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-/// A CA and what it signed.
-struct Pki {
-    ca: String,
-    server: Pem,
-    client: Pem,
-}
-
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key).expect("self-signed CA");
-    (cert.pem(), Issuer::new(params, key))
-}
-
-fn leaf(issuer: &Issuer<'static, KeyPair>, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Pem {
-    let key = KeyPair::generate().expect("leaf key");
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>())
-            .expect("leaf params");
-    params.distinguished_name.push(DnType::CommonName, names[0]);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![usage];
-    let cert = params.signed_by(&key, issuer).expect("sign leaf");
-    Pem {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn make_pki(name: &str) -> Pki {
-    let (ca, issuer) = ca(name);
-    Pki {
-        ca,
-        server: leaf(
-            &issuer,
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ),
-        client: leaf(
-            &issuer,
-            &["sluice-test-client"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ),
-    }
-}
 
 /// An in-process server with TLS from files; stopped on [`Tls::stop`].
 struct Tls {
@@ -108,11 +42,7 @@ impl Tls {
         let limits = dir.path().join("limits");
         std::fs::create_dir(&limits).expect("limits dir");
         std::fs::write(limits.join("tls.yaml"), LIMITS).expect("limits file");
-        let write = |name: &str, text: &str| -> PathBuf {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).expect("write PEM");
-            path
-        };
+        let write = |name: &str, text: &str| write_pem(dir.path(), name, text);
         let mut settings = Settings {
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
@@ -199,7 +129,7 @@ fn assert_refused(answer: Result<RateLimitResponse, String>, who: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_trusting_the_ca_is_answered_over_tls() {
-    let pki = make_pki("sluice test CA");
+    let pki = Pki::new("sluice test CA");
     let server = Tls::start(&pki, false).await;
     assert_answered(
         ask(server.addr(), Some(trusting(&pki.ca))).await,
@@ -219,8 +149,8 @@ async fn a_client_trusting_the_ca_is_answered_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_do_not_trust_the_server_certificate_get_no_answer() {
-    let pki = make_pki("sluice test CA");
-    let other = make_pki("another CA");
+    let pki = Pki::new("sluice test CA");
+    let other = Pki::new("another CA");
     let server = Tls::start(&pki, false).await;
     assert_refused(
         ask(
@@ -245,8 +175,8 @@ async fn clients_that_do_not_trust_the_server_certificate_get_no_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_client_ca_file_only_clients_presenting_a_certificate_of_that_ca_are_answered() {
-    let pki = make_pki("sluice test CA");
-    let other = make_pki("another CA");
+    let pki = Pki::new("sluice test CA");
+    let other = Pki::new("another CA");
     let server = Tls::start(&pki, true).await;
     assert_refused(
         ask(server.addr(), Some(trusting(&pki.ca))).await,

