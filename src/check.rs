@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::config::{RouteLimits, load_paths};
+use crate::config::load_paths;
+use crate::limits::{DomainLimits, RouteLimits};
 
 /// Validates `paths` (files or directories), writes every error or a one-line summary per
 /// domain to `out` (naming the file's format: native `sluice` or `envoyproxy/ratelimit`), and
@@ -16,15 +17,14 @@ pub fn check(paths: &[PathBuf], out: &mut dyn Write) -> std::io::Result<bool> {
             let mut domains: Vec<_> = set.domains.values().collect();
             domains.sort_by(|a, b| a.name.cmp(&b.name));
             for d in &domains {
-                let counts = match &d.compat {
-                    Some(tree) => {
+                let counts = match &d.limits {
+                    DomainLimits::Descriptors(tree) => {
                         let nodes = tree.nodes();
                         let limits = nodes.iter().filter(|n| n.limit.is_some()).count();
                         format!("{} descriptors, {limits} limits", nodes.len())
                     }
-                    None => {
-                        let rules: usize = d
-                            .routes
+                    DomainLimits::Native { routes, .. } => {
+                        let rules: usize = routes
                             .values()
                             .map(|r| match r.limits.as_ref() {
                                 RouteLimits::Global(_) => 1,
@@ -33,7 +33,7 @@ pub fn check(paths: &[PathBuf], out: &mut dyn Write) -> std::io::Result<bool> {
                                 }
                             })
                             .sum();
-                        format!("{} routes, {rules} rules", d.routes.len())
+                        format!("{} routes, {rules} rules", routes.len())
                     }
                 };
                 writeln!(

@@ -15,14 +15,15 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::reload::Reloader;
-use crate::config::settings::{Backend, LogFormat};
+use crate::config::reload::{Limits, Reloader};
+use crate::config::settings::{self, LogFormat};
 use crate::config::{ConfigErrors, Settings, load_dir};
-use crate::limiter::Store;
-use crate::limiter::cache::OverLimitCache;
-use crate::limiter::fallback::{Fallback, FallbackStore};
+use crate::limiter::Source;
+use crate::limiter::backend::Backend as LimiterBackend;
+use crate::limiter::fallback::FallbackConfig;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::RedisStore;
+use crate::limits::LimitSet;
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
@@ -151,44 +152,51 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     // One signal ends everything started here: servers, sweeper, reloader, breaker probe.
     let (stop, stopped) = watch::channel(false);
 
-    // The memory store always exists: it is the backend, or (later) the local fallback.
+    // The memory store always exists: it is the backend, or the local fallback.
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
-    // Redis is wrapped as DESIGN §1 draws it: over-limit cache -> fallback -> Redis.
-    let mut cache = None;
-    let store: Arc<dyn Store> = match settings.backend {
-        Backend::Memory => {
-            metrics.init_series(memory.source());
-            memory.clone()
-        }
-        Backend::Redis => {
-            let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&settings.redis).await?);
+    let backend = Arc::new(match settings.backend {
+        settings::Backend::Memory => LimiterBackend::memory(memory),
+        settings::Backend::Redis => {
+            let redis = Arc::new(RedisStore::connect(&settings.redis).await?);
             // Before the fallback: it may open the breaker at once and set these series.
-            metrics.init_series(redis.source());
-            let guarded = Fallback::new(
+            metrics.init_series(Source::Redis.as_str());
+            LimiterBackend::remote(
                 redis,
-                memory.clone(),
-                settings.fallback(),
+                memory,
+                FallbackConfig {
+                    replicas: settings.fallback.replicas,
+                    failure_threshold: settings.fallback.failure_threshold,
+                    probe_interval: settings.fallback.probe_interval,
+                },
+                settings.over_limit_cache.max_entries,
                 metrics.clone(),
                 stopped.clone(),
-            );
-            let cached = Arc::new(OverLimitCache::new(
-                Arc::new(FallbackStore(guarded)),
-                settings.over_limit_cache.max_entries,
-            ));
-            cache = Some(cached.clone());
-            cached
+            )
         }
-    };
+    });
+    if backend.source() == Source::Memory {
+        metrics.init_series(Source::Memory.as_str());
+    }
+    let limits = Limits::new(limits);
     let limiter = Arc::new(
-        RateLimiter::new(limits, store, clock.clone(), settings.request.clone())
-            .with_metrics(metrics)
-            .with_max_in_flight(settings.max_in_flight)
-            .with_fallback_header(settings.fallback.response_header)
-            .with_shadow_mode(settings.shadow_mode),
+        RateLimiter::new(
+            LimitSet::default(),
+            backend.store().clone(),
+            clock.clone(),
+            settings.request.clone(),
+        )
+        .with_limits(limits.clone())
+        .with_store_label(backend.source())
+        .with_metrics(metrics.clone())
+        .with_max_in_flight(settings.max_in_flight)
+        .with_fallback_header(settings.fallback.response_header)
+        .with_shadow_mode(settings.shadow_mode),
     );
 
     let sweep_every = settings.memory.sweep_interval;
     let mut sweep_stop = stopped.clone();
+    let sweeping = backend.clone();
+    let sweep_clock = clock.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         loop {
@@ -196,11 +204,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
                 _ = tick.tick() => {}
                 _ = sweep_stop.wait_for(|stop| *stop) => return,
             }
-            let now = clock.now_ms();
-            memory.sweep(now);
-            if let Some(cache) = &cache {
-                cache.sweep(now);
-            }
+            sweeping.sweep(sweep_clock.now_ms());
         }
     });
 
@@ -212,7 +216,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let rls = RateLimitServiceServer::new(GrpcService::new(limiter.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
-    let reload = Reloader::new(&settings.limits_dir, limiter.clone());
+    let reload = Reloader::new(&settings.limits_dir, limits, metrics, clock);
     let reloader = reload
         .clone()
         .spawn(settings.limits_poll_interval, stopped.clone());
@@ -242,6 +246,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let codec = JsonCodec::new().map_err(ServeError::Setup)?;
     let router = http::router(HttpState {
         limiter: limiter.clone(),
+        backend,
         settings: Arc::new(settings.redacted()),
         readiness: readiness.clone(),
         codec: Arc::new(codec),
@@ -310,8 +315,8 @@ fn server_tls(
 
 /// One info line per load; at debug, every route's effective settings with where each came
 /// from (the same view as `GET /config`).
-fn log_loaded(limits: &crate::config::LimitSet) {
-    let routes: usize = limits.domains.values().map(|d| d.routes.len()).sum();
+fn log_loaded(limits: &LimitSet) {
+    let routes: usize = limits.domains.values().map(|d| d.routes().len()).sum();
     info!(
         domains = limits.domains.len(),
         routes,
@@ -319,7 +324,7 @@ fn log_loaded(limits: &crate::config::LimitSet) {
         "limits loaded"
     );
     for domain in limits.domains.values() {
-        for route in domain.routes.values() {
+        for route in domain.routes().values() {
             tracing::debug!(
                 domain = %domain.name,
                 route = %route.name,

@@ -1341,7 +1341,7 @@ routes:
 /// Everything the model says about each route, comparable across loads.
 fn summary(domain: &Domain) -> BTreeMap<String, serde_json::Value> {
     domain
-        .routes
+        .routes()
         .values()
         .map(|r| {
             let rules: Vec<_> = rules(r)

@@ -105,9 +105,9 @@ fn limits_examples_load_and_define_the_documented_routes() {
             Some(*file),
             "domain {name}"
         );
-        let found: BTreeSet<&str> = domain.routes.keys().map(String::as_str).collect();
+        let found: BTreeSet<&str> = domain.routes().keys().map(String::as_str).collect();
         assert_eq!(&found, routes, "routes of {name}");
-        assert_eq!(domain.route_key, "route", "domain {name}");
+        assert_eq!(domain.route_key(), Some("route"), "domain {name}");
     }
     assert!(set.domain("edge").unwrap().allow_limit_override);
     assert!(!set.domain("partners").unwrap().allow_limit_override);
@@ -140,8 +140,8 @@ fn envoyproxy_ratelimit_example_loads_in_that_format_as_its_comments_say() {
     assert_eq!(domains, ["ratelimit"]);
     let domain = set.domain("ratelimit").unwrap();
     assert_eq!(domain.format(), "envoyproxy/ratelimit");
-    assert!(domain.routes.is_empty());
-    let tree = domain.compat.as_ref().expect("a descriptor tree");
+    assert!(domain.routes().is_empty());
+    let tree = domain.tree().expect("a descriptor tree");
     // Per descriptor path: the rate (`None` for unlimited), shadow_mode, share_threshold and
     // replaces.
     type Shown<'a> = (Option<Threshold>, bool, bool, Vec<&'a str>);
@@ -378,11 +378,11 @@ fn envoy_example_asks_the_edge_domain_for_its_routes() {
     assert!(!values.is_empty(), "the bootstrap names routes");
     for value in &values {
         assert!(
-            edge.routes.contains_key(*value),
+            edge.routes().contains_key(*value),
             "envoy.yaml names route {value:?}, which edge.yaml does not define"
         );
     }
-    assert_eq!(edge.route_key, "route");
+    assert_eq!(edge.route_key(), Some("route"));
 }
 
 #[test]

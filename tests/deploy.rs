@@ -171,7 +171,7 @@ fn configmap_limits_load_and_match_the_example() {
         let text = text.as_str().unwrap();
         let domain = sluice::config::parse_file(Path::new(file), text)
             .unwrap_or_else(|e| panic!("{file}: {e:?}"));
-        assert!(!domain.routes.is_empty());
+        assert!(!domain.routes().is_empty());
         let example = read(&format!("config/limits/{file}"));
         assert_eq!(
             text, example,

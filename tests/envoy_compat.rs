@@ -888,11 +888,8 @@ descriptors:
     );
     let set: LimitSet = load_paths(&[files.path().to_path_buf()]).unwrap_or_else(|e| panic!("{e}"));
     let domain = set.domain("units").unwrap();
-    assert!(domain.routes.is_empty());
-    let tree = domain
-        .compat
-        .as_ref()
-        .expect("an envoyproxy/ratelimit tree");
+    assert!(domain.routes().is_empty());
+    let tree = domain.tree().expect("an envoyproxy/ratelimit tree");
     let units: Vec<LimitUnit> = tree
         .nodes()
         .iter()

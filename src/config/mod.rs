@@ -1,16 +1,20 @@
-//! Configuration: the server settings (`settings`) and the limits (`schema` as written,
-//! `model` as served, `load` in between; `envoy_compat` for files in the envoyproxy/ratelimit
-//! format).
+//! Reading configuration: the server [`settings`], and the limits files into the compiled
+//! [`crate::limits::LimitSet`] ([`native`] for sluice's own format, [`envoy`] for
+//! envoyproxy/ratelimit's, [`diagnostics`] for telling the operator what is wrong, [`reload`]
+//! for swapping a new set in while serving).
 //!
-//! Nothing here touches a request; the matcher reads the [`model`] types.
+//! Nothing here touches a request. The vocabulary is re-exported, so `config::Threshold` and
+//! `limits::Threshold` are one type.
 
-pub mod envoy_compat;
+pub mod diagnostics;
+pub mod envoy;
 pub mod load;
-pub mod model;
+pub mod native;
 pub mod reload;
-pub mod schema;
 pub mod settings;
 
-pub use load::{ConfigError, ConfigErrors, load_dir, load_paths, parse_file};
-pub use model::*;
+pub use crate::limits::*;
+pub use diagnostics::{ConfigError, ConfigErrors};
+pub use load::{load_dir, load_paths, parse_file};
+pub use reload::Limits;
 pub use settings::Settings;

@@ -1,5 +1,6 @@
-//! Hot reload of the limits directory: a new set is read and validated whole, then swapped in
-//! atomically; a set that fails keeps the old one in service (DESIGN §2 "Reload").
+//! The limits being served, as a cheap-clone handle ([`Limits`]), and hot reload of the limits
+//! directory: a new set is read and validated whole, then swapped in atomically; a set that
+//! fails keeps the old one in service.
 //!
 //! Three triggers, because each misses cases the others catch: file events (inotify through
 //! `notify`, debounced, on the directory itself so editors that write by rename and
@@ -19,8 +20,34 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use arc_swap::ArcSwap;
+
 use super::{ConfigErrors, load_dir};
-use crate::service::RateLimiter;
+use crate::clock::Clock;
+use crate::limits::LimitSet;
+use crate::metrics::Metrics;
+
+/// The limits in service. Cloning the handle is an `Arc` clone; every clone sees every swap.
+/// Readers take a snapshot (`Arc<LimitSet>`) per request and keep it to the end, so a swap
+/// never waits for requests in flight, which finish on the set they started with.
+#[derive(Clone, Default)]
+pub struct Limits(Arc<ArcSwap<LimitSet>>);
+
+impl Limits {
+    pub fn new(set: LimitSet) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(set)))
+    }
+
+    /// The set in service now.
+    pub fn load(&self) -> Arc<LimitSet> {
+        self.0.load_full()
+    }
+
+    /// Swaps in a new, already validated, set.
+    pub fn replace(&self, set: LimitSet) {
+        self.0.store(Arc::new(set));
+    }
+}
 
 /// What one reload attempt did.
 #[derive(Debug)]
@@ -36,27 +63,31 @@ pub enum ReloadOutcome {
 #[derive(Clone)]
 pub struct Reloader {
     dir: PathBuf,
-    limiter: Arc<RateLimiter>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
 }
 
 /// How long file events are gathered before one reload (editors write several events).
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Reloader {
-    pub fn new(dir: &Path, limiter: Arc<RateLimiter>) -> Self {
+    pub fn new(dir: &Path, limits: Limits, metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            limiter,
+            limits,
+            metrics,
+            clock,
         }
     }
 
     /// Reads the directory and swaps the set in if it is valid and different.
     pub fn reload(&self) -> ReloadOutcome {
-        let metrics = self.limiter.metrics();
-        let now = self.limiter.clock().now_ms();
+        let metrics = &self.metrics;
+        let now = self.clock.now_ms();
         match load_dir(&self.dir) {
             Ok(mut set) => {
-                let current = self.limiter.limits();
+                let current = self.limits.load();
                 if set.content_hash == current.content_hash {
                     return ReloadOutcome::Unchanged;
                 }
@@ -65,7 +96,7 @@ impl Reloader {
                 // stop limiting: keep what is served and say so loudly. An operator who
                 // means it restarts with the empty directory.
                 if set.domains.is_empty() && !current.domains.is_empty() {
-                    let errors = ConfigErrors(vec![super::load::ConfigError {
+                    let errors = ConfigErrors(vec![super::ConfigError {
                         file: self.dir.clone(),
                         line: None,
                         route: None,
@@ -82,7 +113,7 @@ impl Reloader {
                 set.loaded_at_ms = now;
                 let domains = set.domains.len();
                 let hash = set.content_hash.clone();
-                self.limiter.replace_limits(set);
+                self.limits.replace(set);
                 metrics.config_loaded(true, now as f64 / 1000.0);
                 info!(dir = %self.dir.display(), domains, hash = %hash, "limits reloaded");
                 ReloadOutcome::Reloaded { domains, hash }
@@ -92,9 +123,7 @@ impl Reloader {
     }
 
     fn failed(&self, now: u64, errors: ConfigErrors) -> ReloadOutcome {
-        self.limiter
-            .metrics()
-            .config_loaded(false, now as f64 / 1000.0);
+        self.metrics.config_loaded(false, now as f64 / 1000.0);
         for e in &errors.0 {
             error!(
                 file = %e.file.display(),

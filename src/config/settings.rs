@@ -467,14 +467,6 @@ impl Settings {
         shown.redis.url = redact_url(&shown.redis.url);
         shown
     }
-
-    pub fn fallback(&self) -> crate::limiter::fallback::FallbackConfig {
-        crate::limiter::fallback::FallbackConfig {
-            replicas: self.fallback.replicas.max(1),
-            failure_threshold: self.fallback.failure_threshold.max(1),
-            probe_interval: self.fallback.probe_interval,
-        }
-    }
 }
 
 /// `redis://user:secret@host` -> `redis://user:<redacted>@host`, and the value of any query

@@ -3,31 +3,7 @@
 //! and the conformance tests all run exactly the same code, and the Redis Lua scripts can be
 //! checked against it step by step.
 
-use serde::{Deserialize, Serialize};
-
-use super::{HitMode, Outcome, Threshold};
-
-/// Which algorithm a route counts with (`algorithm:` in the limits, inherited like every
-/// route setting).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    /// Windows aligned to the epoch; what envoyproxy/ratelimit does.
-    #[default]
-    FixedWindow,
-    SlidingWindow,
-    TokenBucket,
-}
-
-impl Algorithm {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::FixedWindow => "fixed_window",
-            Algorithm::SlidingWindow => "sliding_window",
-            Algorithm::TokenBucket => "token_bucket",
-        }
-    }
-}
+use super::{Algorithm, HitMode, Outcome, Threshold};
 
 /// State of a `fixed_window` counter: which window it counts and how many hits it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

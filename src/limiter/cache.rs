@@ -1,5 +1,6 @@
 //! The over-limit cache: a counter found over its limit is answered from process memory,
-//! without a store call, until it can pass again (DESIGN §3).
+//! without a store call, until it can pass again: a client hammering a closed limit costs no
+//! Redis command at all.
 //!
 //! A wrapper around any [`Store`]. Only answers the store gave (not the fallback's) are
 //! remembered, so when Redis comes back its counts decide again at once. Bounded: at
@@ -10,18 +11,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dashmap::DashMap;
-
-use super::{CounterOp, HitMode, Outcome, Store, StoreFuture};
-
-/// The `source` of answers given from the cache.
-pub const SOURCE: &str = "local_cache";
+use super::bounded::BoundedMap;
+use super::{CounterOp, HitMode, Outcome, Source, Store, StoreFuture};
 
 pub struct OverLimitCache {
     inner: Arc<dyn Store>,
     /// Counter id -> time (ms since the epoch) it can admit again.
-    until: DashMap<String, u64>,
-    max_entries: usize,
+    until: BoundedMap<u64>,
     hits: AtomicU64,
 }
 
@@ -29,8 +25,7 @@ impl OverLimitCache {
     pub fn new(inner: Arc<dyn Store>, max_entries: usize) -> Self {
         Self {
             inner,
-            until: DashMap::new(),
-            max_entries,
+            until: BoundedMap::new(max_entries),
             hits: AtomicU64::new(0),
         }
     }
@@ -39,30 +34,24 @@ impl OverLimitCache {
         if op.mode != HitMode::Take {
             return None;
         }
-        self.until
-            .get(op.counter.as_str())
-            .map(|u| *u)
-            .filter(|until| *until > now)
+        self.until.get(&op.counter).filter(|until| *until > now)
     }
 
+    /// Remembers what the store itself found over; never the fallback's guesses, so when the
+    /// store is back its counts decide again at once.
     fn remember(&self, ops: &[CounterOp], now: u64) {
         for op in ops {
-            let from_store = op.source == self.inner.source();
+            let from_store = matches!(op.source, Source::Memory | Source::Redis);
             if op.outcome.over && op.mode == HitMode::Take && from_store && op.outcome.reset_ms > 0
             {
-                if self.until.len() >= self.max_entries
-                    && !self.until.contains_key(op.counter.as_str())
-                {
-                    continue;
-                }
-                self.until
-                    .insert(op.counter.clone(), now + op.outcome.reset_ms);
+                let until = now + op.outcome.reset_ms;
+                self.until.update(&op.counter, |_| ((), until));
             }
         }
     }
 
     pub fn sweep(&self, now: u64) {
-        self.until.retain(|_, until| *until > now);
+        self.until.retain(|until| *until > now);
     }
 
     pub fn len(&self) -> usize {
@@ -91,7 +80,7 @@ impl Store for OverLimitCache {
                             remaining: 0,
                             reset_ms: until - now,
                         };
-                        op.source = SOURCE;
+                        op.source = Source::LocalCache;
                     }
                     None => pending.push(i),
                 }
@@ -109,31 +98,5 @@ impl Store for OverLimitCache {
             }
             Ok(())
         })
-    }
-
-    fn source(&self) -> &'static str {
-        self.inner.source()
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        self.inner.ready()
-    }
-
-    fn probe(&self) -> StoreFuture<'_> {
-        self.inner.probe()
-    }
-
-    fn fallback_active(&self) -> bool {
-        self.inner.fallback_active()
-    }
-
-    fn report(&self, metrics: &crate::metrics::Metrics) {
-        metrics
-            .gauge(crate::metrics::OVER_LIMIT_CACHE_ENTRIES, &[])
-            .set(self.len() as f64);
-        metrics
-            .counter(crate::metrics::OVER_LIMIT_CACHE_HITS, &[])
-            .absolute(self.hits());
-        self.inner.report(metrics);
     }
 }

@@ -1,5 +1,5 @@
 //! The fallback: a circuit breaker around a remote store, and the answers given while it is
-//! open or when one call fails (DESIGN §3 "Fallback").
+//! open or when one call fails.
 //!
 //! Every call to the inner store is bounded by the smallest `timeout` of the routes in the
 //! batch; an error or a timeout is answered at once by each route's `fallback` mode, so Envoy
@@ -14,12 +14,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::backend::Remote;
 use super::memory::MemoryStore;
-use super::{CounterOp, FallbackMode, Outcome, Store, StoreError, StoreFuture};
+use super::{CounterOp, FallbackMode, Outcome, Source, Store, StoreError, StoreFuture};
 use crate::metrics::{self, Metrics};
-
-/// The `source` of answers given by the fallback.
-pub const SOURCE: &str = "fallback";
 
 #[derive(Debug, Clone, Copy)]
 pub struct FallbackConfig {
@@ -30,7 +28,7 @@ pub struct FallbackConfig {
 }
 
 pub struct Fallback {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn Remote>,
     local: Arc<MemoryStore>,
     config: FallbackConfig,
     breaker: Arc<Breaker>,
@@ -49,7 +47,7 @@ struct Breaker {
 impl Fallback {
     /// Wraps `inner`. A store that is not reachable now starts with the breaker open.
     pub fn new(
-        inner: Arc<dyn Store>,
+        inner: Arc<dyn Remote>,
         local: Arc<MemoryStore>,
         config: FallbackConfig,
         metrics: Arc<Metrics>,
@@ -81,7 +79,7 @@ impl Fallback {
             return;
         }
         warn!(
-            store = self.inner.source(),
+            store = self.inner.source().as_str(),
             reason, "circuit breaker open: the fallback answers"
         );
         self.metrics
@@ -108,7 +106,7 @@ impl Fallback {
                 self.breaker.failures.store(0, Ordering::Release);
                 self.breaker.open.store(false, Ordering::Release);
                 info!(
-                    store = self.inner.source(),
+                    store = self.inner.source().as_str(),
                     "circuit breaker closed: the store answers again"
                 );
                 self.metrics
@@ -124,7 +122,10 @@ impl Fallback {
         self.metrics
             .counter(
                 metrics::STORE_ERRORS,
-                &[("store", self.inner.source()), ("kind", error.kind())],
+                &[
+                    ("store", self.inner.source().as_str()),
+                    ("kind", error.kind()),
+                ],
             )
             .increment(1);
         let failures = self.breaker.failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -168,7 +169,7 @@ impl Fallback {
                     }
                 }
             }
-            op.source = SOURCE;
+            op.source = Source::Fallback;
         }
         Ok(())
     }
@@ -204,25 +205,5 @@ impl Store for FallbackStore {
             fallback.failed(&error);
             fallback.answer(ops, now, error)
         })
-    }
-
-    fn source(&self) -> &'static str {
-        self.0.inner.source()
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        self.0.inner.ready()
-    }
-
-    fn fallback_active(&self) -> bool {
-        self.0.is_open()
-    }
-
-    fn probe(&self) -> StoreFuture<'_> {
-        self.0.inner.probe()
-    }
-
-    fn report(&self, metrics: &Metrics) {
-        self.0.inner.report(metrics);
     }
 }

@@ -10,12 +10,9 @@
 //! exactly. This keeps memory bounded under a flood of distinct keys, at the price of not
 //! limiting the overflow keys until the sweeper frees room.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use dashmap::DashMap;
-
 use super::algorithm::{self, CounterState};
-use super::{CounterOp, Store, StoreFuture};
+use super::bounded::BoundedMap;
+use super::{CounterOp, Source, Store, StoreFuture};
 
 /// One counter's state and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
@@ -27,61 +24,30 @@ struct Entry {
 
 #[derive(Debug)]
 pub struct MemoryStore {
-    counters: DashMap<String, Entry>,
-    max_entries: usize,
-    /// New counters refused because the map was full.
-    rejected_inserts: AtomicU64,
+    counters: BoundedMap<Entry>,
 }
 
 impl MemoryStore {
     pub fn new(max_entries: usize) -> Self {
         Self {
-            counters: DashMap::new(),
-            max_entries,
-            rejected_inserts: AtomicU64::new(0),
+            counters: BoundedMap::new(max_entries),
         }
     }
 
     /// Applies one op at `now` and fills its outcome.
     pub fn apply_one(&self, op: &mut CounterOp, now: u64) {
-        let run = |prev: Option<Entry>| {
+        op.outcome = self.counters.update(&op.counter, |prev| {
             // State past its expiry is as good as absent (the sweeper may not have run yet).
             let prev = prev.filter(|e| e.expires_at > now).map(|e| e.state);
-            algorithm::apply(op.algorithm, prev, now, &op.threshold, op.hits, op.mode)
-        };
-        // Look up by &str first: the common case (counter exists) allocates nothing.
-        if let Some(mut entry) = self.counters.get_mut(op.counter.as_str()) {
-            let (outcome, state, expires_at) = run(Some(*entry));
-            *entry = Entry { state, expires_at };
-            op.outcome = outcome;
-            return;
-        }
-        if self.counters.len() >= self.max_entries {
-            self.rejected_inserts.fetch_add(1, Ordering::Relaxed);
-            op.outcome = run(None).0;
-            return;
-        }
-        // Another request may have created the counter since the lookup; the entry API
-        // applies on top of whatever is there now.
-        match self.counters.entry(op.counter.clone()) {
-            dashmap::Entry::Occupied(mut occupied) => {
-                let (outcome, state, expires_at) = run(Some(*occupied.get()));
-                occupied.insert(Entry { state, expires_at });
-                op.outcome = outcome;
-            }
-            dashmap::Entry::Vacant(vacant) => {
-                let (outcome, state, expires_at) = run(None);
-                vacant.insert(Entry { state, expires_at });
-                op.outcome = outcome;
-            }
-        }
+            let (outcome, state, expires_at) =
+                algorithm::apply(op.algorithm, prev, now, &op.threshold, op.hits, op.mode);
+            (outcome, Entry { state, expires_at })
+        });
     }
 
     /// Drops every counter whose state expired at `now`. Run periodically by the server.
     pub fn sweep(&self, now: u64) -> usize {
-        let before = self.counters.len();
-        self.counters.retain(|_, e| e.expires_at > now);
-        before.saturating_sub(self.counters.len())
+        self.counters.retain(|e| e.expires_at > now)
     }
 
     pub fn len(&self) -> usize {
@@ -93,7 +59,7 @@ impl MemoryStore {
     }
 
     pub fn rejected_inserts(&self) -> u64 {
-        self.rejected_inserts.load(Ordering::Relaxed)
+        self.counters.refused()
     }
 }
 
@@ -101,22 +67,9 @@ impl Store for MemoryStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         for op in ops.iter_mut() {
             self.apply_one(op, now);
-            op.source = "memory";
+            op.source = Source::Memory;
         }
         Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn source(&self) -> &'static str {
-        "memory"
-    }
-
-    fn report(&self, metrics: &crate::metrics::Metrics) {
-        metrics
-            .gauge(crate::metrics::MEMORY_ENTRIES, &[])
-            .set(self.len() as f64);
-        metrics
-            .counter(crate::metrics::MEMORY_REJECTED, &[])
-            .absolute(self.rejected_inserts());
     }
 }
 

@@ -1,87 +1,67 @@
 //! Counting: the algorithms, and the [`Store`] trait every backend implements.
 //!
-//! This module knows thresholds, counter ids and time; it knows nothing about descriptors,
-//! routes or Envoy (that is [`crate::matcher`] and [`crate::service`]). Each algorithm is a
-//! pure function in [`algorithm`] over `(previous state, now, hits) -> (outcome, next state)`;
-//! a store only decides where the state lives and how it is updated atomically.
+//! This layer knows thresholds, counter ids and time; it knows nothing about descriptors,
+//! routes or Envoy (the matcher and the service do). Each algorithm is a pure function in
+//! [`algorithm`] over `(previous state, now, hits) -> (outcome, next state)`; a store only
+//! decides where the state lives and how it is updated atomically.
+//!
+//! [`Store`] has one method, `apply`, because counting is all the request path asks of a
+//! store. What only some stores have (being down, being probed, gauges to publish) lives
+//! beside it in [`backend`], which is what the server builds and the health endpoints read.
+//! The wrappers compose: over-limit [`cache`] → [`fallback`] → [`redis`], each a `Store`.
 
 pub mod algorithm;
+pub mod backend;
+pub mod bounded;
 pub mod cache;
 pub mod fallback;
+pub mod keys;
 pub mod memory;
 pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use serde::{Deserialize, Serialize};
+pub use crate::limits::{
+    Algorithm, DEFAULT_STORE_TIMEOUT, FallbackMode, MAX_PERIOD_MS, Threshold, Unit,
+};
 
-pub use algorithm::Algorithm;
-
-/// The unit a threshold is expressed in. Kept (rather than only a period in milliseconds)
-/// because Envoy's response names the unit, and its `x-ratelimit-*` headers are built from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Unit {
-    Second,
-    Minute,
-    Hour,
-    Day,
-    Week,
-    Month,
-    Year,
+/// Where an answer came from: `dynamic_metadata.source`, the `X-Sluice-Fallback` header, the
+/// over-limit cache (which remembers only what the store itself said) and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// Not answered yet.
+    #[default]
+    Pending,
+    Memory,
+    Redis,
+    /// The over-limit cache, without a store call.
+    LocalCache,
+    /// The fallback, because the store failed or its breaker is open.
+    Fallback,
 }
 
-impl Unit {
-    pub const fn seconds(self) -> u64 {
+impl Source {
+    pub const fn as_str(self) -> &'static str {
         match self {
-            Unit::Second => 1,
-            Unit::Minute => 60,
-            Unit::Hour => 3_600,
-            Unit::Day => 86_400,
-            Unit::Week => 7 * 86_400,
-            // As envoyproxy/ratelimit: a month is 30 days and a year 365, so windows stay
-            // fixed-length and aligned to the epoch.
-            Unit::Month => 30 * 86_400,
-            Unit::Year => 365 * 86_400,
+            Source::Pending => "",
+            Source::Memory => "memory",
+            Source::Redis => "redis",
+            Source::LocalCache => "local_cache",
+            Source::Fallback => "fallback",
         }
     }
 }
 
-/// The longest period a counter can have: 100 years of 365 days.
-pub const MAX_PERIOD_MS: u64 = 100 * 365 * 86_400 * 1000;
-
-/// How many requests a counter admits per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct Threshold {
-    pub limit: u64,
-    pub unit: Unit,
-    /// The period is `multiplier` units long (1 for every configured limit; request-side
-    /// overrides may carry Envoy's `unit_multiplier`).
-    pub multiplier: u32,
-    /// Token bucket capacity; `None` means `limit`.
-    pub burst: Option<u64>,
+impl PartialEq<&str> for Source {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
-impl Threshold {
-    pub const fn new(limit: u64, unit: Unit) -> Self {
-        Self {
-            limit,
-            unit,
-            multiplier: 1,
-            burst: None,
-        }
-    }
-
-    /// The period in milliseconds: never zero (a zero multiplier is treated as one) and at
-    /// most [`MAX_PERIOD_MS`], so a request-side override with a huge `unit_multiplier`
-    /// cannot overflow window arithmetic.
-    pub fn period_ms(&self) -> u64 {
-        self.unit
-            .seconds()
-            .saturating_mul(u64::from(self.multiplier.max(1)))
-            .saturating_mul(1000)
-            .min(MAX_PERIOD_MS)
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -100,27 +80,6 @@ pub struct Outcome {
     /// Milliseconds until the counter can admit again (over) or resets (not over).
     pub reset_ms: u64,
 }
-
-/// What to answer for a counter when its store cannot (route setting `fallback`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FallbackMode {
-    /// Count in process memory with the same algorithm, the limit divided by the replicas.
-    #[default]
-    Local,
-    /// Admit.
-    Allow,
-    /// Reject.
-    Deny,
-    /// Fail the request (gRPC UNAVAILABLE) so Envoy's `failure_mode_deny` decides.
-    Error,
-}
-
-/// The route `timeout` when none is set: the most one request waits for the store before the
-/// fallback answers. Envoy's ratelimit filter gives up after 20 ms by default (its `timeout`)
-/// and then lets the request through uncounted, so the store must be given up on well before
-/// that: 10 ms leaves the other half for the fallback, the network and scheduling.
-pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How a counter's route wants store trouble handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,8 +109,8 @@ pub struct CounterOp {
     pub mode: HitMode,
     pub policy: OpPolicy,
     pub outcome: Outcome,
-    /// Where the outcome came from (`memory`, `redis`, `local_cache`, `fallback`).
-    pub source: &'static str,
+    /// Where the outcome came from.
+    pub source: Source,
 }
 
 impl CounterOp {
@@ -170,7 +129,7 @@ impl CounterOp {
             mode,
             policy: OpPolicy::default(),
             outcome: Outcome::default(),
-            source: "",
+            source: Source::Pending,
         }
     }
 }
@@ -216,25 +175,4 @@ pub trait Store: Send + Sync + 'static {
     /// Applies every op of the batch at time `now` (ms since the epoch) and fills in each
     /// op's `outcome`. Either all outcomes are filled or an error is returned.
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a>;
-
-    /// Where answers come from, for `dynamic_metadata` (`memory`, `redis`, ...).
-    fn source(&self) -> &'static str;
-
-    /// A cheap round trip to see whether the store answers again (circuit breaker probe).
-    fn probe(&self) -> StoreFuture<'_> {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    /// `Ok` when the store can answer now; the reason otherwise (for `/readyz`).
-    fn ready(&self) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// Whether a fallback answers instead of this store right now (for `/readyz`).
-    fn fallback_active(&self) -> bool {
-        false
-    }
-
-    /// Publishes the store's own gauges (size, refusals) just before a scrape.
-    fn report(&self, _metrics: &crate::metrics::Metrics) {}
 }

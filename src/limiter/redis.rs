@@ -9,7 +9,6 @@
 //! EVALSHA; a NOSCRIPT reply (Redis restarted or failed over and lost its script cache)
 //! loads them again and retries the batch once, so no request fails for it.
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +22,8 @@ use fred::types::config::TlsConnector;
 use fred::types::{ClusterHash, CustomCommand};
 use tracing::{info, warn};
 
-use super::{Algorithm, CounterOp, HitMode, Outcome, Store, StoreError, StoreFuture};
+use super::backend::Remote;
+use super::{Algorithm, CounterOp, HitMode, Outcome, Source, Store, StoreError, StoreFuture, keys};
 use crate::config::settings::RedisSettings;
 
 /// One script per algorithm, each the twin of its function in `algorithm.rs`.
@@ -318,12 +318,9 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The key of one window of a counter: `sluice:{<counter id>}:<window start>`. The
-    /// braces are the Cluster hash tag, so all windows of a counter share a slot.
+    /// The key of one window of a counter (see [`keys`]).
     pub fn key(counter: &str, window: u64) -> String {
-        let mut key = String::with_capacity(counter.len() + 32);
-        let _ = write!(key, "sluice:{{{counter}}}:{window}");
-        key
+        keys::window(counter, window)
     }
 
     /// The client (for tests and tools that need to talk to the same Redis).
@@ -363,11 +360,7 @@ impl RedisStore {
         let pipeline = client.pipeline();
         for op in ops {
             let period = op.threshold.period_ms();
-            let window = now - now % period;
-            let first = match op.algorithm {
-                Algorithm::TokenBucket => format!("sluice:{{{}}}:tb", op.counter),
-                _ => Self::key(&op.counter, window),
-            };
+            let (first, second) = keys::for_call(&op.counter, op.algorithm, period, now);
             // fred's pipeline has no EVALSHA method, so it is sent as a custom command, and
             // fred routes those only by an explicit slot (else it would hash the SHA). Every
             // key of a counter shares its hash tag, hence the first key's slot.
@@ -375,15 +368,6 @@ impl RedisStore {
             let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
             let mut command: Vec<Value> = Vec::with_capacity(10);
             command.push(Value::from(self.sha(op.algorithm)));
-            let second = match op.algorithm {
-                // A period longer than the time since the epoch has no previous window; a key
-                // that is never written stands in for it, so it cannot alias this window's.
-                Algorithm::SlidingWindow => Some(match window.checked_sub(period) {
-                    Some(previous) => Self::key(&op.counter, previous),
-                    None => format!("sluice:{{{}}}:none", op.counter),
-                }),
-                _ => None,
-            };
             command.push(Value::Integer(1 + i64::from(second.is_some())));
             command.push(Value::from(first));
             if let Some(second) = second {
@@ -457,6 +441,17 @@ fn outcome(value: Value) -> Result<Outcome, StoreError> {
     }
 }
 
+impl RedisStore {
+    /// `Ok` when a connection is up; the reason otherwise.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.pool.clients().iter().any(|c| c.is_connected()) {
+            Ok(())
+        } else {
+            Err(format!("not connected to {}", self.target))
+        }
+    }
+}
+
 impl Store for RedisStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         Box::pin(async move {
@@ -493,14 +488,16 @@ impl Store for RedisStore {
             }
             for (op, reply) in ops.iter_mut().zip(replies) {
                 op.outcome = outcome(reply.map_err(|e| store_error(&e))?)?;
-                op.source = "redis";
+                op.source = Source::Redis;
             }
             Ok(())
         })
     }
+}
 
-    fn source(&self) -> &'static str {
-        "redis"
+impl Remote for RedisStore {
+    fn source(&self) -> Source {
+        Source::Redis
     }
 
     fn probe(&self) -> StoreFuture<'_> {
@@ -515,11 +512,7 @@ impl Store for RedisStore {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.pool.clients().iter().any(|c| c.is_connected()) {
-            Ok(())
-        } else {
-            Err(format!("not connected to {}", self.target))
-        }
+        RedisStore::ready(self)
     }
 }
 

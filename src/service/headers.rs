@@ -10,22 +10,7 @@
 //! (remaining) and `t` (seconds until reset) on `RateLimit`. Names are config names, but they
 //! may still hold characters an sf-string cannot carry; those become `_`.
 
-use serde::{Deserialize, Serialize};
-
 use crate::proto::core::HeaderValue;
-
-/// Which quota headers a route adds (`rate_limit_headers:`; `show_limit_quota_header: true`
-/// is the same as `x_ratelimit`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeaderStyle {
-    #[default]
-    None,
-    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
-    XRatelimit,
-    /// `RateLimit-Policy` and `RateLimit` of the IETF draft.
-    Ietf,
-}
 
 /// One descriptor's quota, as the headers show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

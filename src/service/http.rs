@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::{RateLimiter, RequestError};
 use crate::config::Settings;
+use crate::limiter::backend::Backend;
 use crate::proto;
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
 
@@ -80,6 +81,8 @@ impl JsonCodec {
 #[derive(Clone)]
 pub struct HttpState {
     pub limiter: Arc<RateLimiter>,
+    /// The stores, for readiness and their gauges.
+    pub backend: Arc<Backend>,
     /// Already redacted: nothing secret is kept here.
     pub settings: Arc<Settings>,
     pub readiness: Arc<Readiness>,
@@ -98,7 +101,7 @@ pub fn router(state: HttpState) -> Router {
 
 async fn metrics(State(s): State<HttpState>) -> Response {
     let metrics = s.limiter.metrics();
-    s.limiter.store().report(metrics);
+    s.backend.report(metrics);
     (
         [(
             header::CONTENT_TYPE,
@@ -121,7 +124,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         );
     }
     let limits = s.limiter.limits();
-    let store = s.limiter.store();
+    let store = &s.backend;
     match store.ready() {
         Ok(()) => (
             StatusCode::OK,

@@ -12,24 +12,24 @@ pub mod http;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use prost_types::{Struct, Value, value::Kind};
 use tracing::debug;
 
 use crate::clock::Clock;
-use crate::config::LimitSet;
-use crate::config::load::{DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG};
+use crate::config::Limits;
 use crate::config::settings::RequestBounds;
-use crate::limiter::fallback;
-use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Store, StoreError, Threshold, Unit};
-use crate::matcher::{self, Matched};
+use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Source, Store, StoreError};
+use crate::limits::{
+    DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG, HeaderStyle, LimitSet, Threshold, Unit,
+};
+use crate::matcher::{self, Matched, apply_replaces};
 use crate::metrics::{self as m, Decision, Metrics, RequestResult};
 use crate::proto::core::HeaderValue;
 use crate::proto::descriptor::RateLimitDescriptor;
 use crate::proto::rls::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
-use headers::{HeaderStyle, Quota};
+use headers::Quota;
 
 /// Why a request got no decision.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +46,10 @@ pub enum RequestError {
 
 /// Everything one request needs, shared by all connections.
 pub struct RateLimiter {
-    limits: ArcSwap<LimitSet>,
+    limits: Limits,
     store: Arc<dyn Store>,
+    /// The `store` label of store metrics (`memory` or `redis`).
+    store_label: Source,
     clock: Arc<dyn Clock>,
     bounds: RequestBounds,
     metrics: Arc<Metrics>,
@@ -79,8 +81,9 @@ impl RateLimiter {
         bounds: RequestBounds,
     ) -> Self {
         Self {
-            limits: ArcSwap::from_pointee(limits),
+            limits: Limits::new(limits),
             store,
+            store_label: Source::Memory,
             clock,
             bounds,
             metrics: Arc::new(Metrics::new()),
@@ -112,6 +115,18 @@ impl RateLimiter {
         self
     }
 
+    /// Labels store metrics with `source` (`redis` for a Redis backend) instead of `memory`.
+    pub fn with_store_label(mut self, source: Source) -> Self {
+        self.store_label = source;
+        self
+    }
+
+    /// Serves from a shared handle (the reloader holds another clone of it).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Records into `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
@@ -132,12 +147,17 @@ impl RateLimiter {
 
     /// The limits currently served.
     pub fn limits(&self) -> Arc<LimitSet> {
-        self.limits.load_full()
+        self.limits.load()
+    }
+
+    /// The handle the limits are served from (a reloader swaps through a clone of it).
+    pub fn limits_handle(&self) -> &Limits {
+        &self.limits
     }
 
     /// Swaps in a new, already validated, set of limits.
     pub fn replace_limits(&self, limits: LimitSet) {
-        self.limits.store(Arc::new(limits));
+        self.limits.replace(limits);
     }
 
     pub async fn should_rate_limit(
@@ -159,7 +179,7 @@ impl RateLimiter {
             );
             return Err(RequestError::Overloaded(self.max_in_flight));
         };
-        let limits = self.limits.load_full();
+        let limits = self.limits.load();
         // Label by the configured domain name only; anything else is `_unknown`.
         let domain = limits.domain(&request.domain);
         let domain_label = domain.map(|d| d.name.as_str()).unwrap_or(m::UNKNOWN_DOMAIN);
@@ -227,7 +247,7 @@ impl RateLimiter {
                         })
                         .unwrap_or_default(),
                     outcome: Outcome::default(),
-                    source: "",
+                    source: Source::Pending,
                 });
             }
         }
@@ -242,7 +262,7 @@ impl RateLimiter {
                 .filter(|e| e.uncounted())
                 .map(StoreError::kind);
             self.metrics.store_call(
-                self.store.source(),
+                self.store_label.as_str(),
                 store_started.elapsed().as_secs_f64(),
                 kind,
             );
@@ -255,7 +275,7 @@ impl RateLimiter {
             &self.metrics,
             self.shadow_mode,
         );
-        if self.fallback_header && ops.iter().any(|op| op.source == fallback::SOURCE) {
+        if self.fallback_header && ops.iter().any(|op| op.source == Source::Fallback) {
             answer.response.response_headers_to_add.push(HeaderValue {
                 key: FALLBACK_HEADER.to_string(),
                 value: "true".to_string(),
@@ -267,29 +287,6 @@ impl RateLimiter {
 
 /// The header `fallback.response_header` adds to answers the fallback gave.
 pub const FALLBACK_HEADER: &str = "X-Sluice-Fallback";
-
-/// envoyproxy/ratelimit `replaces`, across the request's descriptors: a limit whose
-/// `rate_limit.name` another matched limit names in `replaces` is not applied (its
-/// descriptor answers OK with no limit), and an unlimited one is never replaced, as
-/// upstream. Free when no match replaces anything (every native domain).
-fn apply_replaces(matches: &mut [Option<Matched<'_>>]) {
-    if matches.iter().flatten().all(|m| m.replaces.is_empty()) {
-        return;
-    }
-    let replaced: Vec<&str> = matches
-        .iter()
-        .flatten()
-        .flat_map(|m| m.replaces.iter().map(String::as_str))
-        .collect();
-    for slot in matches.iter_mut() {
-        let gone = slot.as_ref().is_some_and(|m| {
-            !m.unlimited && m.limit_name.is_some_and(|name| replaced.contains(&name))
-        });
-        if gone {
-            *slot = None;
-        }
-    }
-}
 
 /// A descriptor's own `hits_addend` wins (its explicit 0 checks without counting); otherwise
 /// the request's, where 0 means 1.
@@ -397,7 +394,7 @@ fn respond(
     let mut outcomes = ops.iter().map(|op| (op.outcome, op.source));
     // The descriptor that decides the answer: the first one over the limit (not in shadow
     // mode), else the first one matched. Reported in dynamic_metadata.
-    let mut deciding: Option<(&Matched<'_>, Outcome, bool, &str)> = None;
+    let mut deciding: Option<(&Matched<'_>, Outcome, bool, Source)> = None;
     // The rejecting route's code and message; built-in ones when the limit that rejected
     // came from a request override on no configured route.
     let mut rejected: Option<(u16, &str)> = None;
@@ -489,7 +486,7 @@ fn respond(
                 m.route.map(|r| r.name.as_str()).or(m.path).unwrap_or(""),
             ),
             ("rule", m.rule),
-            ("source", source),
+            ("source", source.as_str()),
             ("decision", decision),
         ])
     });

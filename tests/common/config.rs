@@ -190,8 +190,8 @@ pub fn assert_error(err: &ConfigError, expect: Expect<'_>) {
 
 /// The route named `name`, panicking when the domain has none.
 pub fn route<'a>(domain: &'a Domain, name: &str) -> &'a Route {
-    domain.routes.get(name).unwrap_or_else(|| {
-        let mut names: Vec<_> = domain.routes.keys().collect();
+    domain.routes().get(name).unwrap_or_else(|| {
+        let mut names: Vec<_> = domain.routes().keys().collect();
         names.sort();
         panic!("no route {name:?}; routes are {names:?}")
     })

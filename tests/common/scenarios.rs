@@ -378,7 +378,7 @@ pub async fn check_scenario(
             return Err(format!(
                 "{}\n{} store failed: {e}\nmemory answered: {from_memory:?}",
                 context(),
-                store.source()
+                "the store"
             ));
         }
         let from_store: Vec<Outcome> = in_store.iter().map(|o| o.outcome).collect();
@@ -391,7 +391,7 @@ pub async fn check_scenario(
             return Err(format!(
                 "{}\nexpected: {expected:?}\nmemory:   {from_memory:?}\n{}:    {from_store:?}",
                 context(),
-                store.source()
+                "the store"
             ));
         }
     }

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use sluice::config::settings::RedisSettings;
-use sluice::limiter::Store as _;
 use sluice::limiter::redis::RedisStore;
 
 /// Redis settings for tests: generous command timeout (these tests check answers, not

@@ -1,17 +1,18 @@
-//! Descriptors to counters: which route a descriptor names, which rule of it applies, and the
-//! counter id and threshold that result (DESIGN §2, "Order" and "Limit keys"). Domains read
-//! from the envoyproxy/ratelimit format are matched by [`crate::config::envoy_compat`]
-//! instead, which returns the same [`Matched`].
+//! Descriptors to counters: which limit a descriptor falls under, and the counter id and
+//! threshold that result. [`native`] matches sluice's own routes and rule items, [`envoy`]
+//! walks an envoyproxy/ratelimit descriptor tree; both return the same [`Matched`], and what
+//! acts across a request's descriptors (request-side overrides, `replaces`) lives here.
 //!
-//! Knows the limits model and Envoy's descriptor shape; knows nothing about stores, time or
-//! responses. Request values are untrusted: they reach a counter id only through
+//! Reads the compiled limits and Envoy's descriptor shape; knows nothing about stores, time
+//! or responses. Request values are untrusted: they reach a counter id only through
 //! [`push_component`], which hashes anything that is not short plain text.
 
-use std::fmt::Write as _;
-use std::net::IpAddr;
+mod envoy;
+mod native;
 
-use crate::config::{Domain, KeyRule, LimitBy, Route, RouteLimits, RuleItem};
-use crate::limiter::{Threshold, Unit};
+use std::fmt::Write as _;
+
+use crate::limits::{Domain, DomainLimits, Route, Threshold, Unit};
 use crate::proto::descriptor::RateLimitDescriptor;
 use crate::proto::descriptor::rate_limit_descriptor::{Entry, RateLimitOverride};
 use crate::proto::unit::RateLimitUnit;
@@ -49,7 +50,7 @@ pub struct Matched<'a> {
 
 impl<'a> Matched<'a> {
     /// A match of a native route (or of an override on none).
-    fn native(
+    pub(crate) fn native(
         route: Option<&'a Route>,
         rule: &'a str,
         threshold: Threshold,
@@ -83,17 +84,21 @@ pub fn match_descriptor<'a>(
         .as_ref()
         .filter(|_| domain.allow_limit_override)
         .and_then(override_threshold);
-    if let Some(tree) = &domain.compat {
-        // As envoyproxy/ratelimit: a request-side limit wins over the tree, on a counter of
-        // the domain and the entries, whatever the tree says (no shadow mode, no replaces).
-        return match override_threshold {
-            Some(threshold) => Some(override_match(domain, None, entries, threshold)),
-            None => crate::config::envoy_compat::match_entries(domain, tree, entries),
-        };
-    }
-    let route = find(entries, &domain.route_key).and_then(|name| domain.routes.get(name));
+    let (route_key, routes) = match &domain.limits {
+        DomainLimits::Descriptors(tree) => {
+            // As envoyproxy/ratelimit: a request-side limit wins over the tree, on a counter
+            // of the domain and the entries, whatever the tree says (no shadow mode, no
+            // replaces).
+            return match override_threshold {
+                Some(threshold) => Some(override_match(domain, None, entries, threshold)),
+                None => envoy::match_entries(domain, tree, entries),
+            };
+        }
+        DomainLimits::Native { route_key, routes } => (route_key, routes),
+    };
+    let route = find(entries, route_key).and_then(|name| routes.get(name));
 
-    let found = route.and_then(|route| match_route(domain, route, entries));
+    let found = route.and_then(|route| native::match_route(domain, route, entries));
     match (found, override_threshold) {
         (Some(mut matched), Some(threshold)) => {
             // The override replaces the rule's limit; a distinct period keeps its own
@@ -138,86 +143,7 @@ fn override_match<'a>(
     Matched::native(route, OVERRIDE_RULE, threshold, counter)
 }
 
-fn match_route<'a>(domain: &'a Domain, route: &'a Route, entries: &[Entry]) -> Option<Matched<'a>> {
-    let counter_for = |rule_id: &str, value: Option<&str>| {
-        let mut counter = String::with_capacity(96);
-        push_component(&mut counter, &domain.name);
-        counter.push(':');
-        push_component(&mut counter, &route.name);
-        counter.push(':');
-        counter.push_str(rule_id);
-        if let Some(value) = value {
-            counter.push(':');
-            push_component(&mut counter, value);
-        }
-        counter
-    };
-    match route.limits.as_ref() {
-        RouteLimits::Global(rule) => Some(Matched::native(
-            Some(route),
-            &rule.name,
-            rule.threshold,
-            counter_for(&rule.id, None),
-        )),
-        RouteLimits::Items(items) => items.iter().find_map(|item| {
-            let (key, value, ip) = match_item(item, entries)?;
-            let rule = &key.rule;
-            // Per-value kinds count each value apart: the address itself for per-IP (in
-            // canonical form, so `::ffff:...` spellings do not split one client).
-            let ip_text;
-            let per_value = match (item.kind.per_value(), ip) {
-                (false, _) => None,
-                (true, Some(ip)) => {
-                    ip_text = ip.to_string();
-                    Some(ip_text.as_str())
-                }
-                (true, None) => Some(value),
-            };
-            Some(Matched::native(
-                Some(route),
-                &rule.name,
-                rule.threshold,
-                counter_for(&rule.id, per_value),
-            ))
-        }),
-    }
-}
-
-/// The first key of `item` that matches, with the value it matched (and the address, for
-/// per-IP items). `None` when the entry is absent, the address unreadable, or no key matches.
-fn match_item<'a, 'e>(
-    item: &'a RuleItem,
-    entries: &'e [Entry],
-) -> Option<(&'a KeyRule, &'e str, Option<IpAddr>)> {
-    let value = find(entries, &item.entry)?;
-    let ip = match item.kind {
-        LimitBy::PerIp { from_header } => {
-            let text = if from_header {
-                value.split(',').next().unwrap_or(value)
-            } else {
-                value
-            };
-            Some(parse_ip(text.trim())?)
-        }
-        _ => None,
-    };
-    let key = item.keys.iter().find(|k| k.matcher.matches(value, ip))?;
-    Some((key, value, ip))
-}
-
-/// Parses an address as Envoy and proxies write it: bare, or with a port (`1.2.3.4:80`,
-/// `[2001:db8::1]:443`). IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
-fn parse_ip(text: &str) -> Option<IpAddr> {
-    let ip = text
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))?;
-    Some(match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    })
-}
-
+/// The value of the entry `key`, if the descriptor has one.
 fn find<'e>(entries: &'e [Entry], key: &str) -> Option<&'e str> {
     entries
         .iter()
@@ -241,6 +167,29 @@ fn override_threshold(o: &RateLimitOverride) -> Option<Threshold> {
         multiplier: o.unit_multiplier.unwrap_or(1).max(1),
         burst: None,
     })
+}
+
+/// envoyproxy/ratelimit `replaces`, across the request's descriptors: a limit whose
+/// `rate_limit.name` another matched limit names in `replaces` is not applied (its
+/// descriptor answers OK with no limit), and an unlimited one is never replaced, as
+/// upstream. Free when no match replaces anything (every native domain).
+pub fn apply_replaces(matches: &mut [Option<Matched<'_>>]) {
+    if matches.iter().flatten().all(|m| m.replaces.is_empty()) {
+        return;
+    }
+    let replaced: Vec<&str> = matches
+        .iter()
+        .flatten()
+        .flat_map(|m| m.replaces.iter().map(String::as_str))
+        .collect();
+    for slot in matches.iter_mut() {
+        let gone = slot.as_ref().is_some_and(|m| {
+            !m.unlimited && m.limit_name.is_some_and(|name| replaced.contains(&name))
+        });
+        if gone {
+            *slot = None;
+        }
+    }
 }
 
 /// Appends `part` to a counter id: verbatim when it is short plain text
@@ -285,13 +234,5 @@ mod tests {
         let long_b = format!("{}b", "x".repeat(64));
         assert_ne!(component(&long_a), component(&long_b));
         assert_eq!(component(&"y".repeat(10_240)).len(), 33);
-    }
-
-    #[test]
-    fn addresses_parse_with_ports_and_mapped_forms() {
-        assert_eq!(parse_ip("10.1.2.3:8080"), "10.1.2.3".parse().ok());
-        assert_eq!(parse_ip("[2001:db8::1]:443"), "2001:db8::1".parse().ok());
-        assert_eq!(parse_ip("::ffff:10.0.0.1"), "10.0.0.1".parse().ok());
-        assert_eq!(parse_ip("not-an-ip"), None);
     }
 }

@@ -1,10 +1,8 @@
-//! The envoyproxy/ratelimit limits format, read as that project reads it (DESIGN §2, last
-//! paragraph): its schema, its validation, and its descriptor-tree matching.
+//! The envoyproxy/ratelimit limits format, read as that project reads it: its schema and
+//! its validation. The loaded tree is matched by the matcher, as upstream matches it.
 //!
 //! A limits file whose top level has `descriptors:` is in this format. It loads into a
-//! [`Domain`] whose `compat` holds a [`CompatTree`] (and whose `routes` are empty), and
-//! [`crate::matcher::match_descriptor`] hands such domains to [`match_entries`]. What this
-//! module owns:
+//! [`Domain`] whose limits are a [`DescriptorTree`]. What this module owns:
 //!
 //! - **Schema.** `domain` and `descriptors`; a descriptor has `key`, optional `value`,
 //!   optional `rate_limit { unit, requests_per_unit, unlimited, name, replaces: [{name}] }`,
@@ -18,41 +16,24 @@
 //!   pass silently (a missing `requests_per_unit`, which upstream reads as 0 and so blocks
 //!   everything; `requests_per_unit` with `unlimited`) become [`ConfigError`]s naming the
 //!   file, the line, the descriptor path (in `route`, as `key=value/key2`) and the field.
-//! - **Matching** ([`match_entries`]). Entry *i* of a request descriptor is looked up at
-//!   level *i* of the tree: a node with that key and exactly that value first, then the
-//!   level's wildcard values (`value: foo*`, a trailing `*` matching by prefix, tried in file
-//!   order), then a node with that key and no value; the walk descends into the node's
-//!   children for the next entry. The limit is the `rate_limit` of the node matched by the
-//!   last entry; a walk that stops earlier, or ends on a node without `rate_limit`, has no
-//!   limit.
-//! - **Counters.** As upstream's cache key: the domain, then every entry's key and value
-//!   (each made safe by [`push_component`]), then the period. A value matched through a
-//!   `share_threshold` wildcard is replaced by the wildcard itself, so all values matching
-//!   it share one counter; otherwise each distinct value counts apart.
 //!
-//! `replaces` and `unlimited` act across a request's descriptors, so the service applies
-//! them ([`crate::service`]); `detailed_metric` and `value_to_metric` only change
-//! upstream's stats names and are accepted without effect, because sluice's metric labels
-//! come from configuration names only (the matched descriptor path, never request values).
-//!
-//! Nothing here touches a store or a response.
+//! `detailed_metric` and `value_to_metric` only change upstream's stats names and are
+//! accepted without effect, because sluice's metric labels come from configuration names
+//! only (the matched descriptor path, never request values).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
 use serde_saphyr::Spanned;
 
-use super::load::{ConfigError, find_key_line, parse_error};
-use super::model::Domain;
-use crate::limiter::{Threshold, Unit};
-use crate::matcher::{Matched, push_component};
-use crate::proto::descriptor::rate_limit_descriptor::Entry;
+use super::diagnostics::{ConfigError, find_key_line, parse_error};
+use crate::limits::{
+    DescriptorLimit, DescriptorTree, Domain, DomainLimits, Level, Node, Threshold, Unit,
+};
 
 /// What `sluice check` and `/config` call this format.
-pub const FORMAT: &str = "envoyproxy/ratelimit";
+pub const FORMAT: &str = crate::limits::ENVOY_FORMAT;
 
 /// Whether `text` is a limits file in this format: its top level has a `descriptors` key.
 /// A file that is not valid YAML is judged by a top-level line starting `descriptors:`, so
@@ -116,249 +97,6 @@ struct NameRaw {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The tree as served.
-
-/// A domain's descriptors after loading: what [`match_entries`] walks.
-#[derive(Debug, Default)]
-pub struct CompatTree {
-    pub descriptors: Level,
-}
-
-/// The descriptors of one level, in file order, indexed by key.
-#[derive(Debug, Default)]
-pub struct Level {
-    pub nodes: Vec<Node>,
-    by_key: HashMap<String, KeyIndex>,
-}
-
-/// The nodes of one key at one level, as positions in [`Level::nodes`].
-#[derive(Debug, Default)]
-struct KeyIndex {
-    /// By exact value (a wildcard's own text too, as upstream's map lookup finds it).
-    exact: HashMap<String, usize>,
-    /// Wildcard values, in file order.
-    wildcards: Vec<usize>,
-    /// The node without a value.
-    any: Option<usize>,
-}
-
-#[derive(Debug)]
-pub struct Node {
-    pub key: String,
-    /// `None`: the node matches any value of its key.
-    pub value: Option<String>,
-    /// The value ends with `*` and matches by prefix.
-    pub wildcard: bool,
-    /// `key=value/key2`: shown in errors, `/config`, metrics labels and `current_limit.name`.
-    pub path: String,
-    pub limit: Option<CompatLimit>,
-    pub shadow_mode: bool,
-    pub share_threshold: bool,
-    /// Accepted for compatibility; sluice's metrics never carry request values.
-    pub detailed_metric: bool,
-    /// Accepted for compatibility; sluice's metrics never carry request values.
-    pub value_to_metric: bool,
-    pub children: Level,
-}
-
-/// A node's `rate_limit`.
-#[derive(Debug)]
-pub struct CompatLimit {
-    /// `None`: `unlimited: true` (answered OK without counting).
-    pub threshold: Option<Threshold>,
-    /// `rate_limit.name`: what other limits' `replaces` refer to.
-    pub name: Option<String>,
-    pub replaces: Vec<String>,
-    /// The name shown as `current_limit.name` and the `rule` metrics label: `name`, else the
-    /// node's path.
-    pub display: String,
-}
-
-impl Node {
-    /// The value without its trailing `*`, for a wildcard.
-    fn prefix(&self) -> &str {
-        let value = self.value.as_deref().unwrap_or("");
-        value.strip_suffix('*').unwrap_or(value)
-    }
-}
-
-impl Level {
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    /// The node entry `key=value` matches here, and whether it matched through a wildcard.
-    fn find(&self, key: &str, value: &str) -> Option<(&Node, bool)> {
-        let index = self.by_key.get(key)?;
-        if let Some(&i) = index.exact.get(value) {
-            return Some((&self.nodes[i], false));
-        }
-        if let Some(&i) = index
-            .wildcards
-            .iter()
-            .find(|&&i| value.starts_with(self.nodes[i].prefix()))
-        {
-            return Some((&self.nodes[i], true));
-        }
-        index.any.map(|i| (&self.nodes[i], false))
-    }
-
-    fn push(&mut self, node: Node) {
-        let i = self.nodes.len();
-        let index = self.by_key.entry(node.key.clone()).or_default();
-        match &node.value {
-            None => index.any = Some(i),
-            Some(value) => {
-                index.exact.insert(value.clone(), i);
-                if node.wildcard {
-                    index.wildcards.push(i);
-                }
-            }
-        }
-        self.nodes.push(node);
-    }
-
-    fn visit<'n>(&'n self, f: &mut impl FnMut(&'n Node)) {
-        for node in &self.nodes {
-            f(node);
-            node.children.visit(f);
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        Value::Array(self.nodes.iter().map(Node::to_json).collect())
-    }
-}
-
-impl Node {
-    fn to_json(&self) -> Value {
-        let mut v = json!({
-            "key": self.key,
-            "value": self.value,
-            "path": self.path,
-            "shadow_mode": self.shadow_mode,
-            "share_threshold": self.share_threshold,
-            "detailed_metric": self.detailed_metric,
-            "value_to_metric": self.value_to_metric,
-        });
-        if let Some(limit) = &self.limit {
-            v["rate_limit"] = match &limit.threshold {
-                Some(t) => json!({
-                    "requests_per_unit": t.limit,
-                    "unit": t.unit,
-                    "name": limit.name,
-                    "replaces": limit.replaces,
-                }),
-                None => json!({
-                    "unlimited": true,
-                    "name": limit.name,
-                    "replaces": limit.replaces,
-                }),
-            };
-        }
-        if !self.children.is_empty() {
-            v["descriptors"] = self.children.to_json();
-        }
-        v
-    }
-}
-
-impl CompatTree {
-    /// Every node, parents before children, in file order.
-    pub fn nodes(&self) -> Vec<&Node> {
-        let mut all = Vec::new();
-        self.descriptors.visit(&mut |n| all.push(n));
-        all
-    }
-
-    /// The descriptor tree for `GET /config`.
-    pub fn to_json(&self) -> Value {
-        self.descriptors.to_json()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Matching.
-
-/// The limit of one request descriptor's entries in an envoyproxy/ratelimit domain, or
-/// `None` when it has none (see the module comment for the walk). Allocates only the
-/// counter id.
-pub fn match_entries<'a>(
-    domain: &'a Domain,
-    tree: &'a CompatTree,
-    entries: &[Entry],
-) -> Option<Matched<'a>> {
-    let last = entries.len().checked_sub(1)?;
-    let mut level = &tree.descriptors;
-    // Whether a value matched a `share_threshold` wildcard, so the counter needs the walk
-    // again to put the wildcard in its place.
-    let mut shared = false;
-    for (i, entry) in entries.iter().enumerate() {
-        let (node, via_wildcard) = level.find(&entry.key, &entry.value)?;
-        shared |= via_wildcard && node.share_threshold;
-        if i < last {
-            if node.children.is_empty() {
-                return None;
-            }
-            level = &node.children;
-            continue;
-        }
-        let limit = node.limit.as_ref()?;
-        let Some(threshold) = limit.threshold else {
-            return Some(compat_match(
-                node,
-                limit,
-                Threshold::new(0, Unit::Second),
-                String::new(),
-            ));
-        };
-        // The counter, as upstream's cache key: domain, each entry, period. Built only now
-        // that the walk found a limit, so descriptors without one allocate nothing. `rl` and
-        // the odd number of components keep these ids apart from native ones (domain, route,
-        // rule id and at most one value).
-        let mut counter = String::with_capacity(32 + entries.len() * 24);
-        push_component(&mut counter, &domain.name);
-        counter.push_str(":rl");
-        let mut walk = &tree.descriptors;
-        for e in entries {
-            counter.push(':');
-            push_component(&mut counter, &e.key);
-            counter.push(':');
-            let pattern = if shared {
-                let (n, wild) = walk.find(&e.key, &e.value)?;
-                walk = &n.children;
-                (wild && n.share_threshold).then_some(n.value.as_deref().unwrap_or(""))
-            } else {
-                None
-            };
-            push_component(&mut counter, pattern.unwrap_or(&e.value));
-        }
-        let _ = write!(counter, ":{}", threshold.period_ms() / 1000);
-        return Some(compat_match(node, limit, threshold, counter));
-    }
-    None
-}
-
-fn compat_match<'a>(
-    node: &'a Node,
-    limit: &'a CompatLimit,
-    threshold: Threshold,
-    counter: String,
-) -> Matched<'a> {
-    Matched {
-        route: None,
-        path: Some(&node.path),
-        rule: &limit.display,
-        threshold,
-        counter,
-        shadow: node.shadow_mode,
-        limit_name: limit.name.as_deref(),
-        replaces: &limit.replaces,
-        unlimited: limit.threshold.is_none(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Loading.
 
 /// Parses and validates one limits file in this format, reporting every problem it finds.
@@ -413,10 +151,8 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
     Ok(Domain {
         name,
         file: file.to_path_buf(),
-        route_key: String::new(),
         allow_limit_override: true,
-        routes: HashMap::new(),
-        compat: Some(CompatTree { descriptors: level }),
+        limits: DomainLimits::Descriptors(DescriptorTree { descriptors: level }),
     })
 }
 
@@ -581,7 +317,7 @@ impl Cx<'_> {
         level
     }
 
-    fn rate_limit(&mut self, rl: &Spanned<RateLimitRaw>, path: &str) -> Option<CompatLimit> {
+    fn rate_limit(&mut self, rl: &Spanned<RateLimitRaw>, path: &str) -> Option<DescriptorLimit> {
         // Errors about a missing field point at the `rate_limit:` key (the span starts at the
         // block's first field, the line after it).
         let line = key_line_at_or_before(self.text, "rate_limit", rl.referenced.line());
@@ -708,7 +444,7 @@ impl Cx<'_> {
         if self.errors.len() != before {
             return None;
         }
-        Some(CompatLimit {
+        Some(DescriptorLimit {
             threshold,
             display: name.clone().unwrap_or_else(|| path.to_string()),
             name,
@@ -804,16 +540,7 @@ fn key_line_at_or_before(text: &str, key: &str, line: u64) -> u64 {
 
 /// A unit as upstream reads it: any case.
 fn parse_unit(text: &str) -> Option<Unit> {
-    Some(match text.to_ascii_uppercase().as_str() {
-        "SECOND" => Unit::Second,
-        "MINUTE" => Unit::Minute,
-        "HOUR" => Unit::Hour,
-        "DAY" => Unit::Day,
-        "WEEK" => Unit::Week,
-        "MONTH" => Unit::Month,
-        "YEAR" => Unit::Year,
-        _ => return None,
-    })
+    Unit::from_name(text)
 }
 
 #[cfg(test)]

@@ -1,16 +1,15 @@
 //! The native limits file as written by people: serde types that mirror the YAML one to one.
 //!
-//! Unknown fields are not silently ignored: [`super::load`] parses through `serde_ignored`
+//! Unknown fields are not silently ignored: [`super`] parses through `serde_ignored`
 //! and reports each with its path, so a typo (`rejeted_msg`) is a load error that does not
 //! hide the file's other errors. Optional everywhere: what is required, and what may not be
-//! combined, is decided in [`super::load`], which can then name the route and the fix instead
+//! combined, is decided in [`super`], which can then name the route and the fix instead
 //! of serde's generic "missing field".
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::limiter::{Algorithm, FallbackMode};
-use crate::service::headers::HeaderStyle;
+use crate::limits::{Algorithm, FallbackMode, HeaderStyle};
 
 #[derive(Debug, Deserialize)]
 pub struct LimitsFile {
@@ -118,17 +117,4 @@ impl LimitKeyRaw {
             burst: self.burst,
         }
     }
-}
-
-/// A lenient view of a file, used only to find which route a parse error is in: unknown
-/// fields are ignored here so it still parses when the strict schema does not.
-#[derive(Debug, Deserialize)]
-pub struct RouteNames {
-    #[serde(default)]
-    pub routes: Vec<Spanned<RouteName>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct RouteName {
-    pub name: Option<String>,
 }

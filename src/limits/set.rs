@@ -11,9 +11,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::Serialize;
 
-pub use super::envoy_compat::CompatTree;
-use crate::limiter::{Algorithm, FallbackMode, Threshold};
-use crate::service::headers::HeaderStyle;
+use super::{Algorithm, DescriptorTree, FallbackMode, HeaderStyle, Threshold};
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
 #[derive(Debug, Default)]
@@ -37,24 +35,61 @@ pub struct Domain {
     pub name: String,
     /// The file it was read from, for messages and `/config`.
     pub file: PathBuf,
-    /// The descriptor entry whose value names the route.
-    pub route_key: String,
     /// Whether a request's `limit` override is honoured.
     pub allow_limit_override: bool,
-    pub routes: HashMap<String, Route>,
-    /// For a file in the envoyproxy/ratelimit format (top-level `descriptors:`), its
-    /// descriptor tree, which the matcher walks instead of `routes` (then empty). `None` for
-    /// native files.
-    pub compat: Option<CompatTree>,
+    pub limits: DomainLimits,
 }
+
+/// A domain is written in one format and matched by its rules, never a mix of both.
+#[derive(Debug)]
+pub enum DomainLimits {
+    /// sluice's own format: routes named by the descriptor entry `route_key`.
+    Native {
+        /// The descriptor entry whose value names the route.
+        route_key: String,
+        routes: HashMap<String, Route>,
+    },
+    /// The envoyproxy/ratelimit format (a file whose top level has `descriptors:`).
+    Descriptors(DescriptorTree),
+}
+
+/// What `sluice check` and `/config` call the envoyproxy/ratelimit format.
+pub const ENVOY_FORMAT: &str = "envoyproxy/ratelimit";
+
+static NO_ROUTES: std::sync::LazyLock<HashMap<String, Route>> =
+    std::sync::LazyLock::new(HashMap::new);
 
 impl Domain {
     /// The format of the file the domain was read from, as `sluice check` and `/config` name
     /// it.
     pub fn format(&self) -> &'static str {
-        match self.compat {
-            Some(_) => super::envoy_compat::FORMAT,
-            None => "sluice",
+        match self.limits {
+            DomainLimits::Descriptors(_) => ENVOY_FORMAT,
+            DomainLimits::Native { .. } => "sluice",
+        }
+    }
+
+    /// The routes of a native domain; none for a descriptor tree.
+    pub fn routes(&self) -> &HashMap<String, Route> {
+        match &self.limits {
+            DomainLimits::Native { routes, .. } => routes,
+            DomainLimits::Descriptors(_) => &NO_ROUTES,
+        }
+    }
+
+    /// The descriptor entry naming the route, in a native domain.
+    pub fn route_key(&self) -> Option<&str> {
+        match &self.limits {
+            DomainLimits::Native { route_key, .. } => Some(route_key),
+            DomainLimits::Descriptors(_) => None,
+        }
+    }
+
+    /// The descriptor tree of an envoyproxy/ratelimit domain.
+    pub fn tree(&self) -> Option<&DescriptorTree> {
+        match &self.limits {
+            DomainLimits::Descriptors(tree) => Some(tree),
+            DomainLimits::Native { .. } => None,
         }
     }
 }
@@ -214,7 +249,7 @@ impl LimitSet {
         domains.sort_by(|a, b| a.name.cmp(&b.name));
         let mut out = Map::new();
         for d in domains {
-            let mut routes: Vec<&Route> = d.routes.values().collect();
+            let mut routes: Vec<&Route> = d.routes().values().collect();
             routes.sort_by(|a, b| a.name.cmp(&b.name));
             let mut route_map = Map::new();
             for r in routes {
@@ -228,19 +263,19 @@ impl LimitSet {
                     }),
                 );
             }
-            let shown = match &d.compat {
+            let shown = match &d.limits {
                 // The envoyproxy/ratelimit tree as loaded: every descriptor with its limit.
-                Some(tree) => json!({
+                DomainLimits::Descriptors(tree) => json!({
                     "file": d.file.display().to_string(),
                     "format": d.format(),
                     "allow_limit_override": d.allow_limit_override,
                     "routes": route_map,
                     "descriptors": tree.to_json(),
                 }),
-                None => json!({
+                DomainLimits::Native { route_key, .. } => json!({
                     "file": d.file.display().to_string(),
                     "format": d.format(),
-                    "route_key": d.route_key,
+                    "route_key": route_key,
                     "allow_limit_override": d.allow_limit_override,
                     "routes": route_map,
                 }),

@@ -1,0 +1,129 @@
+//! The backend as the server assembles it: the store the request path counts with, and what
+//! only the operator's side asks about it (is it ready, is the fallback answering, what
+//! gauges to publish, what to sweep).
+//!
+//! Keeping these out of [`Store`] means the wrappers (cache, fallback) implement one method
+//! and forward nothing by hand: the backend holds each part by its own type and asks it
+//! directly.
+
+use std::sync::Arc;
+
+use super::cache::OverLimitCache;
+use super::fallback::{Fallback, FallbackConfig, FallbackStore};
+use super::memory::MemoryStore;
+use super::{Source, Store, StoreFuture};
+use crate::metrics::{self, Metrics};
+
+/// A store on the other side of a network: it can be down, and a cheap round trip tells
+/// whether it is back (the breaker's probe).
+pub trait Remote: Store {
+    /// The `source` of its answers and the `store` label of its metrics.
+    fn source(&self) -> Source;
+
+    /// `Ok` when a connection is up; the reason otherwise (for `/readyz`).
+    fn ready(&self) -> Result<(), String>;
+
+    /// A cheap round trip (PING) that succeeds once the store answers again.
+    fn probe(&self) -> StoreFuture<'_>;
+}
+
+pub struct Backend {
+    /// What the request path counts with: the memory store, or cache → fallback → remote.
+    store: Arc<dyn Store>,
+    source: Source,
+    /// The counters of the memory backend, or of the `local` fallback.
+    memory: Arc<MemoryStore>,
+    remote: Option<RemoteParts>,
+}
+
+/// The three parts a remote backend adds, each held by its own type.
+struct RemoteParts {
+    remote: Arc<dyn Remote>,
+    fallback: Arc<Fallback>,
+    cache: Arc<OverLimitCache>,
+}
+
+impl Backend {
+    /// Counting in process memory only.
+    pub fn memory(memory: Arc<MemoryStore>) -> Self {
+        Self {
+            store: memory.clone(),
+            source: Source::Memory,
+            memory,
+            remote: None,
+        }
+    }
+
+    /// Counting in a remote store, wrapped as the request path needs it: the over-limit
+    /// cache first (no call for a counter known to be over), then the fallback (a timeout,
+    /// a circuit breaker, and local answers while the remote cannot give them).
+    pub fn remote(
+        remote: Arc<dyn Remote>,
+        memory: Arc<MemoryStore>,
+        fallback: FallbackConfig,
+        cache_entries: usize,
+        metrics: Arc<Metrics>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let source = remote.source();
+        let fallback = Fallback::new(remote.clone(), memory.clone(), fallback, metrics, stop);
+        let cache = Arc::new(OverLimitCache::new(
+            Arc::new(FallbackStore(fallback.clone())),
+            cache_entries,
+        ));
+        Self {
+            store: cache.clone(),
+            source,
+            memory,
+            remote: Some(RemoteParts {
+                remote,
+                fallback,
+                cache,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The `store` label of metrics: `memory` or `redis`.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// `Ok` when the store can answer now; the reason otherwise.
+    pub fn ready(&self) -> Result<(), String> {
+        match &self.remote {
+            Some(parts) => parts.remote.ready(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the fallback answers instead of the remote store right now.
+    pub fn fallback_active(&self) -> bool {
+        self.remote.as_ref().is_some_and(|p| p.fallback.is_open())
+    }
+
+    /// Drops what expired at `now` (counters, cached over-limit answers).
+    pub fn sweep(&self, now: u64) {
+        self.memory.sweep(now);
+        if let Some(parts) = &self.remote {
+            parts.cache.sweep(now);
+        }
+    }
+
+    /// Publishes the stores' own gauges, just before a scrape.
+    pub fn report(&self, m: &Metrics) {
+        m.gauge(metrics::MEMORY_ENTRIES, &[])
+            .set(self.memory.len() as f64);
+        m.counter(metrics::MEMORY_REJECTED, &[])
+            .absolute(self.memory.rejected_inserts());
+        if let Some(parts) = &self.remote {
+            m.gauge(metrics::OVER_LIMIT_CACHE_ENTRIES, &[])
+                .set(parts.cache.len() as f64);
+            m.counter(metrics::OVER_LIMIT_CACHE_HITS, &[])
+                .absolute(parts.cache.hits());
+        }
+    }
+}
