@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §6): one [`Metrics`] per server, so two servers in one test
+//! Prometheus metrics: one [`Metrics`] per server, so two servers in one test
 //! process never share counts.
 //!
 //! Labels come from configuration names only (domain, route, rule) or from fixed sets

@@ -20,7 +20,7 @@ impl FixedWindow {
     }
 }
 
-/// `fixed_window` (DESIGN §3):
+/// `fixed_window`:
 ///
 /// ```text
 /// window    = now - now % period
@@ -66,7 +66,7 @@ pub struct SlidingWindow {
     pub prev: u64,
 }
 
-/// `sliding_window` (DESIGN §3): the previous window's count weighted by the part of it still
+/// `sliding_window`: the previous window's count weighted by the part of it still
 /// inside the sliding period, plus the current window's count.
 ///
 /// ```text
@@ -184,7 +184,7 @@ pub struct TokenBucket {
     pub tat_us: u64,
 }
 
-/// `token_bucket`, as GCRA (DESIGN §3), in whole microseconds:
+/// `token_bucket`, as GCRA, in whole microseconds:
 ///
 /// ```text
 /// T         = floor(period_us / limit)   (emission interval, at least 1 µs)

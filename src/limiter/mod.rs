@@ -101,7 +101,7 @@ impl Default for OpPolicy {
 /// One counter update of a request's batch. The store fills `outcome` and `source`.
 #[derive(Debug, Clone)]
 pub struct CounterOp {
-    /// The counter id (see [`crate::matcher::push_component`]); safe to embed in a key.
+    /// The counter id, already safe to embed in a key (the matcher hashes unsafe values).
     pub counter: String,
     pub algorithm: Algorithm,
     pub threshold: Threshold,

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::backend::Remote;
 use super::{Algorithm, CounterOp, HitMode, Outcome, Source, Store, StoreError, StoreFuture, keys};
-use crate::config::settings::RedisSettings;
+use crate::limits::{REDACTED, RedisSettings, redact_url};
 
 /// One script per algorithm, each the twin of its function in `algorithm.rs`.
 const SCRIPTS: [(Algorithm, &str); 3] = [
@@ -91,7 +91,7 @@ pub struct RedisStore {
 fn describe(err: &Error, password: Option<&str>) -> String {
     let text = err.to_string();
     match password {
-        Some(p) if !p.is_empty() => text.replace(p, crate::config::settings::REDACTED),
+        Some(p) if !p.is_empty() => text.replace(p, REDACTED),
         _ => text,
     }
 }
@@ -208,9 +208,8 @@ impl RedisStore {
     /// the client keeps retrying with backoff while `/readyz` reports not ready. Refused
     /// credentials are, since retrying cannot fix them.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, RedisSetupError> {
-        let mut config = Config::from_url(&settings.url).map_err(|e| {
-            RedisSetupError::Url(crate::config::settings::redact_url(&e.to_string()))
-        })?;
+        let mut config = Config::from_url(&settings.url)
+            .map_err(|e| RedisSetupError::Url(redact_url(&e.to_string())))?;
         if let Some(user) = &settings.username {
             config.username = Some(user.clone());
         }
@@ -246,7 +245,7 @@ impl RedisStore {
         }
         let connect_timeout = settings.connect_timeout;
         let command_timeout = settings.command_timeout;
-        let target = crate::config::settings::redact_url(&settings.url);
+        let target = redact_url(&settings.url);
         let builder = |fail_fast: bool| {
             let mut builder = Builder::from_config(config.clone());
             builder

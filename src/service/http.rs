@@ -1,4 +1,4 @@
-//! The HTTP side (DESIGN §5): `/metrics`, `/healthz`, `/readyz`, `/config` and `POST /json`.
+//! The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/config` and `POST /json`.
 //!
 //! `/json` runs the same [`RateLimiter::decide`] as gRPC; requests and responses are mapped
 //! with the protobuf JSON mapping (camelCase or proto field names accepted), driven by the

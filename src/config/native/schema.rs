@@ -80,7 +80,7 @@ pub struct ThresholdRaw {
 
 #[derive(Debug, Deserialize)]
 pub struct RuleItemRaw {
-    /// Optional stable name; when set it is the rule's identity (see DESIGN §2).
+    /// Optional stable name; when set it is the rule's identity (so reordering or retuning never loses its counters).
     pub name: Option<String>,
     pub limit_by_header: Option<String>,
     pub limit_by_param: Option<String>,

@@ -1,4 +1,4 @@
--- fixed_window, the twin of limiter::algorithm::fixed_window (DESIGN §3).
+-- fixed_window, the twin of limiter::algorithm::fixed_window.
 --
 -- KEYS[1]  sluice:{<counter id>}:<window>   (the window is part of the key)
 -- ARGV[1]  limit

@@ -1,4 +1,4 @@
--- sliding_window, the twin of limiter::algorithm::sliding_window (DESIGN §3).
+-- sliding_window, the twin of limiter::algorithm::sliding_window.
 --
 -- KEYS[1]  sluice:{<counter id>}:<window>            this window's admitted hits
 -- KEYS[2]  sluice:{<counter id>}:<window - period>   the previous window's

@@ -1,4 +1,4 @@
--- token_bucket (GCRA), the twin of limiter::algorithm::token_bucket (DESIGN §3).
+-- token_bucket (GCRA), the twin of limiter::algorithm::token_bucket.
 --
 -- KEYS[1]  sluice:{<counter id>}:tb   the theoretical arrival time, µs since the epoch
 -- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them, burst

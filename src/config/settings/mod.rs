@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::limits::{REDACTED, RedisSettings, redact_url};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -142,50 +144,6 @@ impl Default for RequestBounds {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RedisSettings {
-    /// `redis://`, `rediss://` (TLS), `redis-sentinel://` or a cluster node list.
-    pub url: String,
-    pub username: Option<String>,
-    /// Prefer `password_file` (or SLUICE_REDIS_PASSWORD) so the secret stays out of this file.
-    pub password: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub database: u32,
-    pub pool_size: usize,
-    /// How long a connection attempt may take (start-up and reconnects).
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// fred's own bound on one command; the route's `timeout` (10 ms by default) is what
-    /// bounds a request, so this only has to be no shorter than it.
-    #[serde(with = "humantime_serde")]
-    pub command_timeout: Duration,
-    /// PEM bundle of the CAs trusted for a `rediss://` URL, instead of the system roots.
-    pub tls_ca_file: Option<PathBuf>,
-    /// PEM client certificate chain presented to Redis (mTLS); needs `tls_client_key_file`.
-    pub tls_client_cert_file: Option<PathBuf>,
-    /// PEM private key of `tls_client_cert_file`.
-    pub tls_client_key_file: Option<PathBuf>,
-}
-
-impl Default for RedisSettings {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            username: None,
-            password: None,
-            password_file: None,
-            database: 0,
-            pool_size: 4,
-            connect_timeout: Duration::from_secs(1),
-            command_timeout: Duration::from_millis(10),
-            tls_ca_file: None,
-            tls_client_cert_file: None,
-            tls_client_key_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct FallbackSettings {
     /// Replicas sharing the limits: `local` fallback counting divides each limit by this.
     pub replicas: u32,
@@ -235,9 +193,6 @@ pub struct TlsSettings {
     /// PEM CA bundle: when set, clients must present a certificate signed by it.
     pub client_ca_file: Option<PathBuf>,
 }
-
-/// What `/config` and logs show of a secret.
-pub const REDACTED: &str = "<redacted>";
 
 /// A settings problem, rendered for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -469,40 +424,6 @@ impl Settings {
     }
 }
 
-/// `redis://user:secret@host` -> `redis://user:<redacted>@host`, and the value of any query
-/// parameter naming a password (fred's `sentinelPassword=`), for every URL form.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (location, query) = match rest.split_once('?') {
-        Some((location, query)) => (location, Some(query)),
-        None => (rest, None),
-    };
-    let mut shown = format!("{scheme}://");
-    match location.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => shown.push_str(&format!("{user}:{REDACTED}@{host}")),
-            None => shown.push_str(location),
-        },
-        None => shown.push_str(location),
-    }
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
-                    format!("{name}={REDACTED}")
-                }
-                _ => param.to_string(),
-            })
-            .collect();
-        shown.push('?');
-        shown.push_str(&params.join("&"));
-    }
-    shown
-}
-
 /// The environment variable of a setting path (`redis.pool_size` -> `SLUICE_REDIS_POOL_SIZE`).
 fn env_name(path: &str) -> String {
     format!("SLUICE_{}", path.replace('.', "_").to_uppercase())
@@ -547,194 +468,4 @@ fn apply_env(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flag_beats_environment_beats_file_beats_default() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("sluice.yaml");
-        std::fs::write(
-            &file,
-            "grpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\nlog: warn\n",
-        )
-        .unwrap();
-        let env = |name: &str| match name {
-            "SLUICE_HTTP_ADDR" => Some("127.0.0.1:3".to_string()),
-            "SLUICE_GRPC_ADDR" => Some("127.0.0.1:4".to_string()),
-            "SLUICE_MEMORY_MAX_ENTRIES" => Some("7".to_string()),
-            _ => None,
-        };
-        let flags = Overrides {
-            grpc_addr: Some("127.0.0.1:5".into()),
-            ..Default::default()
-        };
-        let s = Settings::load(Some(&file), env, &flags).unwrap();
-        assert_eq!(s.grpc_addr, "127.0.0.1:5");
-        assert_eq!(s.http_addr, "127.0.0.1:3");
-        assert_eq!(s.log, "warn");
-        assert_eq!(s.memory.max_entries, 7);
-        assert_eq!(s.limits_dir, PathBuf::from("config/limits"));
-    }
-
-    #[test]
-    fn redaction_hides_passwords_in_fields_and_urls() {
-        let mut s = Settings::default();
-        s.redis.password = Some("hunter2".into());
-        s.redis.url = "redis://app:hunter2@10.0.0.1:6380/2".into();
-        let shown = serde_json::to_string(&s.redacted()).unwrap();
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(
-            shown.contains("redis://app:<redacted>@10.0.0.1:6380/2"),
-            "{shown}"
-        );
-    }
-
-    #[test]
-    fn bad_values_are_named() {
-        let env = |name: &str| (name == "SLUICE_MEMORY_MAX_ENTRIES").then(|| "lots".to_string());
-        let err = Settings::load(None, env, &Overrides::default()).unwrap_err();
-        assert!(
-            err.to_string().contains("SLUICE_MEMORY_MAX_ENTRIES"),
-            "{err}"
-        );
-        let err = Settings::load(
-            None,
-            |n: &str| (n == "SLUICE_BACKEND").then(|| "disk".into()),
-            &Overrides::default(),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("disk"), "{err}");
-    }
-
-    fn load_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Settings::load(
-            None,
-            move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
-            &Overrides::default(),
-        )
-    }
-
-    /// Every numeric setting: (variable, smallest allowed, largest allowed).
-    const COUNTS: &[(&str, u64, u64)] = &[
-        ("SLUICE_MAX_IN_FLIGHT", 1, 1_000_000),
-        ("SLUICE_MEMORY_MAX_ENTRIES", 1, 1 << 30),
-        ("SLUICE_REQUEST_MAX_DESCRIPTORS", 1, 1024),
-        ("SLUICE_REQUEST_MAX_ENTRIES", 1, 1024),
-        ("SLUICE_REQUEST_MAX_KEY_BYTES", 16, 1 << 20),
-        ("SLUICE_REQUEST_MAX_MESSAGE_BYTES", 4096, 256 << 20),
-        ("SLUICE_REDIS_DATABASE", 0, 255),
-        ("SLUICE_REDIS_POOL_SIZE", 1, 256),
-        ("SLUICE_FALLBACK_REPLICAS", 1, 100_000),
-        ("SLUICE_FALLBACK_FAILURE_THRESHOLD", 1, 1_000_000),
-        ("SLUICE_OVER_LIMIT_CACHE_MAX_ENTRIES", 1, 1 << 30),
-    ];
-
-    #[test]
-    fn every_count_setting_is_checked_against_its_range() {
-        for &(var, min, max) in COUNTS {
-            for ok in [min, max] {
-                let value = ok.to_string();
-                assert!(
-                    load_env(&[(var, &value)]).is_ok(),
-                    "{var}={value} should be accepted"
-                );
-            }
-            let mut bad = vec![max + 1, u64::MAX];
-            if min > 0 {
-                bad.push(min - 1);
-            }
-            for wrong in bad {
-                let value = wrong.to_string();
-                let err = load_env(&[(var, &value)])
-                    .expect_err(&format!("{var}={value} should be refused"))
-                    .to_string();
-                assert!(err.contains(var), "{var}={value}: {err}");
-                assert!(
-                    err.contains(&format!("{min} to {max}")) || err.contains(&value),
-                    "{var}={value} names neither the range nor the value: {err}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn the_reported_settings_that_wrapped_or_panicked_are_refused_with_their_range() {
-        let err = load_env(&[("SLUICE_MAX_IN_FLIGHT", "4611686018427387904")]).unwrap_err();
-        assert!(err.to_string().contains("allowed 1 to 1000000"), "{err}");
-        let err = load_env(&[("SLUICE_REDIS_DATABASE", "300")]).unwrap_err();
-        assert!(err.to_string().contains("allowed 0 to 255"), "{err}");
-        let err = load_env(&[("SLUICE_REDIS_POOL_SIZE", "1000000")]).unwrap_err();
-        assert!(err.to_string().contains("allowed 1 to 256"), "{err}");
-        // Wider than the field itself: named, not wrapped.
-        let err = load_env(&[("SLUICE_REDIS_DATABASE", "4294967596")]).unwrap_err();
-        assert!(err.to_string().contains("SLUICE_REDIS_DATABASE"), "{err}");
-        let err = load_env(&[("SLUICE_FALLBACK_REPLICAS", "-1")]).unwrap_err();
-        assert!(
-            err.to_string().contains("SLUICE_FALLBACK_REPLICAS"),
-            "{err}"
-        );
-    }
-
-    /// Every duration setting: (variable, smallest allowed, largest allowed).
-    const SPANS: &[(&str, &str, &str)] = &[
-        ("SLUICE_LIMITS_POLL_INTERVAL", "100ms", "1h"),
-        ("SLUICE_MEMORY_SWEEP_INTERVAL", "100ms", "1h"),
-        ("SLUICE_SHUTDOWN_GRACE", "0s", "10m"),
-        ("SLUICE_REDIS_CONNECT_TIMEOUT", "10ms", "1m"),
-        ("SLUICE_REDIS_COMMAND_TIMEOUT", "1ms", "1m"),
-        ("SLUICE_FALLBACK_PROBE_INTERVAL", "10ms", "1m"),
-    ];
-
-    #[test]
-    fn every_duration_setting_is_typed_and_checked_against_its_range() {
-        for &(var, min, max) in SPANS {
-            for ok in [min, max] {
-                assert!(
-                    load_env(&[(var, ok)]).is_ok(),
-                    "{var}={ok} should be accepted"
-                );
-            }
-            let above = humantime::parse_duration(max).unwrap() + Duration::from_millis(1);
-            let above = humantime::format_duration(above).to_string();
-            let min_d = humantime::parse_duration(min).unwrap();
-            let mut bad = vec![above, "10 parsecs".to_string(), "".to_string()];
-            if !min_d.is_zero() {
-                bad.push(humantime::format_duration(min_d / 2).to_string());
-            }
-            for wrong in &bad {
-                let err = load_env(&[(var, wrong)])
-                    .expect_err(&format!("{var}={wrong:?} should be refused"))
-                    .to_string();
-                assert!(err.contains(var), "{var}={wrong:?}: {err}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_settings_file_with_a_bad_duration_names_the_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("sluice.yaml");
-        std::fs::write(&file, "log: info\nredis:\n  command_timeout: soon\n").unwrap();
-        let err = Settings::load(Some(&file), |_: &str| None, &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("sluice.yaml:3"), "{err}");
-        std::fs::write(&file, "redis:\n  command_timeout: 5ms\n").unwrap();
-        let s = Settings::load(Some(&file), |_: &str| None, &Overrides::default()).unwrap();
-        assert_eq!(s.redis.command_timeout, Duration::from_millis(5));
-    }
-
-    #[test]
-    fn the_old_name_of_the_key_bound_is_still_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("sluice.yaml");
-        std::fs::write(&file, "request:\n  max_value_bytes: 512\n").unwrap();
-        let s = Settings::load(Some(&file), |_: &str| None, &Overrides::default()).unwrap();
-        assert_eq!(s.request.max_key_bytes, 512);
-    }
-}
+mod tests;

@@ -1,0 +1,88 @@
+//! Step two of a request: each descriptor matched to its limit, and the counter updates to
+//! send to the store in one batch.
+//!
+//! Every descriptor keeps a slot, in request order, that names its match and the index of its
+//! op in the batch (if it has one), so the response pairs outcomes with descriptors by that
+//! index, never by counting along two lists.
+
+use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Source};
+use crate::limits::Domain;
+use crate::matcher::{self, Matched, apply_replaces};
+use crate::metrics::Metrics;
+use crate::proto::descriptor::RateLimitDescriptor;
+use crate::proto::rls::RateLimitRequest;
+
+/// One descriptor of the request, in request order.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    /// Its limit; `None` when it has none (or another limit `replaces` it).
+    pub matched: Option<Matched<'a>>,
+    /// The index of its counter update in [`Plan::ops`]; `None` when nothing is counted (no
+    /// limit, or `unlimited`).
+    pub op: Option<usize>,
+}
+
+pub struct Plan<'a> {
+    pub slots: Vec<Slot<'a>>,
+    pub ops: Vec<CounterOp>,
+}
+
+pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metrics) -> Plan<'a> {
+    let request_hits = if request.hits_addend == 0 {
+        1
+    } else {
+        u64::from(request.hits_addend)
+    };
+    let mut matches: Vec<Option<Matched<'a>>> = Vec::with_capacity(request.descriptors.len());
+    for descriptor in &request.descriptors {
+        let matched = matcher::match_descriptor(domain, descriptor);
+        if matched.is_none() {
+            metrics.unmatched(&domain.name);
+        }
+        matches.push(matched);
+    }
+    apply_replaces(&mut matches);
+    let mut ops: Vec<CounterOp> = Vec::with_capacity(request.descriptors.len());
+    let mut slots = Vec::with_capacity(request.descriptors.len());
+    for (descriptor, mut matched) in request.descriptors.iter().zip(matches) {
+        let mut op = None;
+        if let Some(m) = matched.as_mut().filter(|m| !m.unlimited) {
+            let settings = m.route.map(|r| &r.settings);
+            op = Some(ops.len());
+            ops.push(CounterOp {
+                // The response needs only the rule and route, so the id moves, not copies.
+                counter: std::mem::take(&mut m.counter),
+                algorithm: settings.map(|s| s.algorithm.value).unwrap_or_default(),
+                threshold: m.threshold,
+                hits: hits(descriptor, request_hits),
+                mode: if descriptor.is_negative_hits {
+                    HitMode::Give
+                } else {
+                    HitMode::Take
+                },
+                policy: settings
+                    .map(|s| OpPolicy {
+                        timeout: s.timeout.value,
+                        fallback: s.fallback.value,
+                    })
+                    .unwrap_or_default(),
+                outcome: Outcome::default(),
+                source: Source::Pending,
+            });
+        }
+        slots.push(Slot { matched, op });
+    }
+    Plan { slots, ops }
+}
+
+/// A descriptor's own `hits_addend` wins (its explicit 0 checks without counting); otherwise
+/// the request's, where 0 means 1.
+///
+/// Capped at [`MAX_HITS`]: limits are at most `u32::MAX`, so no decision changes, and every
+/// count stays an exact integer in Redis's Lua (doubles) and far from `i64` overflow.
+fn hits(descriptor: &RateLimitDescriptor, request_hits: u64) -> u64 {
+    descriptor.hits_addend.unwrap_or(request_hits).min(MAX_HITS)
+}
+
+/// The most hits one descriptor can add: 2^40, well above any limit (at most 2^32 - 1).
+pub const MAX_HITS: u64 = 1 << 40;
