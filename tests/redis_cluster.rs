@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::MINUTE;
 use common::cluster::RedisCluster;
-use common::redis::Resp;
-use common::redis::resp;
+use common::resp::Resp;
+use common::resp::resp;
 use common::scenarios::*;
 use common::store::connect;
 use sluice::limiter::memory::MemoryStore;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::redis::Resp;
+use common::resp::Resp;
 use common::rls::{Code, Unit, limit, metadata, status};
 use common::scenarios::{BASE_MS, check_table};
 use common::sentinel::RedisSentinel;

@@ -8,7 +8,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use super::redis::{RedisServer, Resp, node_args, resp};
+use super::redis::{RedisServer, node_args};
+use super::resp::{Resp, resp};
 use super::{free_port, run_bounded, wait_until};
 
 /// A Redis Cluster of masters only (no replicas), slots spread by `redis-cli --cluster

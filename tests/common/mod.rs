@@ -27,6 +27,7 @@ pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod redis;
+pub mod resp;
 pub mod rls;
 pub mod scenarios;
 pub mod sentinel;

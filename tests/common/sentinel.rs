@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use super::redis::{RedisServer, Resp, info, resp};
+use super::redis::RedisServer;
+use super::resp::{Resp, info, resp};
 use super::wait_until;
 
 /// One master, one replica (`--replicaof`) and sentinels watching the master as `mymaster`
