@@ -45,7 +45,7 @@ async fn sluice_on(url: &str, files: &[(&str, &str)], now: u64) -> Sluice {
 
 /// The SHA1 sluice calls the fixed window script by.
 fn script_sha() -> String {
-    fred::util::sha1_hash(include_str!("../src/limiter/lua/fixed_window.lua"))
+    fred::util::sha1_hash(&RedisStore::script())
 }
 
 // ----- conformance -----

@@ -4,10 +4,11 @@
 //! algorithm's script is the twin of its pure function in [`super::algorithm`] and receives
 //! `now` from the caller, so memory and Redis give identical answers for identical inputs.
 //!
-//! One request is one round trip: all of its counter updates are queued on a fred pipeline
-//! and sent together (on a cluster, fred splits the pipeline by node). Scripts are called by
-//! EVALSHA; a NOSCRIPT reply (Redis restarted or failed over and lost its script cache)
-//! loads them again and retries the batch once, so no request fails for it.
+//! One request is at most one round trip, and usually a share of one: its counter calls join
+//! every call queued by concurrent requests, and the lot goes to Redis as one `EVALSHA` of
+//! the batch script ([`batch`]; on a cluster, one per slot). A NOSCRIPT reply (Redis
+//! restarted or failed over and lost its script cache) loads the script again and resends
+//! the batch once, so no request fails for it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,22 +20,13 @@ use fred::rustls::pki_types::pem::PemObject as _;
 use fred::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use fred::types::Value;
 use fred::types::config::TlsConnector;
-use fred::types::{ClusterHash, CustomCommand};
 use tracing::{info, warn};
 
 use super::backend::Remote;
-use super::{Algorithm, CounterOp, HitMode, Outcome, Source, Store, StoreError, StoreFuture, keys};
-use crate::limits::{REDACTED, RedisSettings, redact_url};
+mod batch;
 
-/// One script per algorithm, each the twin of its function in `algorithm.rs`.
-const SCRIPTS: [(Algorithm, &str); 3] = [
-    (Algorithm::FixedWindow, include_str!("lua/fixed_window.lua")),
-    (
-        Algorithm::SlidingWindow,
-        include_str!("lua/sliding_window.lua"),
-    ),
-    (Algorithm::TokenBucket, include_str!("lua/token_bucket.lua")),
-];
+use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
+use crate::limits::{REDACTED, RedisSettings, redact_url};
 
 /// Why the Redis store could not be set up. Never contains the password.
 #[derive(Debug, thiserror::Error)]
@@ -80,15 +72,14 @@ pub enum RedisSetupError {
 }
 
 pub struct RedisStore {
-    pool: Pool,
-    /// SHA1 of each algorithm's script (in `SCRIPTS` order), for EVALSHA.
-    shas: [String; 3],
-    /// Where it connects, without credentials, for messages.
-    target: String,
+    /// The pool, the batch script and its SHA, shared with the batches in flight.
+    shared: Arc<batch::Shared>,
+    /// Requests' calls to the dispatcher, which coalesces them (see [`batch`]).
+    jobs: tokio::sync::mpsc::UnboundedSender<batch::Job>,
 }
 
 /// Removes anything secret from a fred error before it reaches a log or a client.
-fn describe(err: &Error, password: Option<&str>) -> String {
+pub(crate) fn describe(err: &Error, password: Option<&str>) -> String {
     let text = err.to_string();
     match password {
         Some(p) if !p.is_empty() => text.replace(p, REDACTED),
@@ -302,17 +293,24 @@ impl RedisStore {
                 _ => warn!(redis = %target, "Redis stopped answering during start-up; retrying"),
             }
         }
-        let store = Self {
+        let script = batch::script();
+        let shared = Arc::new(batch::Shared {
             pool,
-            shas: SCRIPTS.map(|(_, lua)| fred::util::sha1_hash(lua)),
+            sha: fred::util::sha1_hash(&script),
+            script,
+            clustered: config.server.is_clustered(),
             target,
+        });
+        let store = Self {
+            jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
+            shared,
         };
         // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
         // there yet, the NOSCRIPT path loads them later.
         if store.ready().is_ok()
             && let Err(e) = store.load_scripts().await
         {
-            warn!(redis = %store.target, error = %e, "cannot load scripts yet");
+            warn!(redis = %store.shared.target, error = %e, "cannot load the script yet");
         }
         Ok(store)
     }
@@ -322,76 +320,25 @@ impl RedisStore {
         keys::window(counter, window)
     }
 
+    /// The script every call goes through (for tools that check Redis's script cache).
+    pub fn script() -> String {
+        batch::script()
+    }
+
     /// The client (for tests and tools that need to talk to the same Redis).
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.shared.pool
     }
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        let client = self.pool.next();
-        for (_, lua) in SCRIPTS {
-            client
-                .script_load_cluster::<Value, _>(lua)
-                .await
-                .map_err(|e| StoreError::Unavailable(describe(&e, None)))?;
-        }
-        Ok(())
+        self.shared
+            .pool
+            .next()
+            .script_load_cluster::<Value, _>(self.shared.script.as_str())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(describe(&e, None)))
     }
-
-    fn sha(&self, algorithm: Algorithm) -> &str {
-        let index = SCRIPTS
-            .iter()
-            .position(|(a, _)| *a == algorithm)
-            .unwrap_or(0);
-        &self.shas[index]
-    }
-
-    async fn run_batch(&self, ops: &[CounterOp], now: u64) -> Vec<Result<Value, Error>> {
-        // A connection that is down would queue the batch behind its reconnection until a
-        // timeout fires: take one that is up, or fail now so the fallback answers at once.
-        let client = self.pool.next_connected();
-        if !client.is_connected() {
-            return vec![Err(Error::new(
-                ErrorKind::IO,
-                format!("no connection to {} is up", self.target),
-            ))];
-        }
-        let pipeline = client.pipeline();
-        for op in ops {
-            let period = op.threshold.period_ms();
-            let (first, second) = keys::for_call(&op.counter, op.algorithm, period, now);
-            // fred's pipeline has no EVALSHA method, so it is sent as a custom command, and
-            // fred routes those only by an explicit slot (else it would hash the SHA). Every
-            // key of a counter shares its hash tag, hence the first key's slot.
-            let slot = fred::util::redis_keyslot(first.as_bytes());
-            let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
-            let mut command: Vec<Value> = Vec::with_capacity(10);
-            command.push(Value::from(self.sha(op.algorithm)));
-            command.push(Value::Integer(1 + i64::from(second.is_some())));
-            command.push(Value::from(first));
-            if let Some(second) = second {
-                command.push(Value::from(second));
-            }
-            let args = [
-                op.threshold.limit,
-                period,
-                now,
-                op.hits,
-                u64::from(op.mode == HitMode::Give),
-                op.threshold.burst.unwrap_or(op.threshold.limit),
-            ];
-            command.extend(args.into_iter().map(|v| Value::Integer(to_i64(v))));
-            let queued: Result<(), Error> = pipeline.custom(evalsha, command).await;
-            if let Err(e) = queued {
-                return vec![Err(e)];
-            }
-        }
-        pipeline.try_all::<Value>().await
-    }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Whether Redis itself refused the credentials, which retrying cannot fix. Decided from
@@ -405,7 +352,7 @@ fn refused_credentials(e: &Error) -> bool {
         || (e.details().starts_with("ERR AUTH") && e.details().contains("without any password"))
 }
 
-fn is_noscript(e: &Error) -> bool {
+pub(crate) fn is_noscript(e: &Error) -> bool {
     e.details().starts_with("NOSCRIPT") || e.to_string().contains("NOSCRIPT")
 }
 
@@ -443,10 +390,10 @@ fn outcome(value: Value) -> Result<Outcome, StoreError> {
 impl RedisStore {
     /// `Ok` when a connection is up; the reason otherwise.
     pub fn ready(&self) -> Result<(), String> {
-        if self.pool.clients().iter().any(|c| c.is_connected()) {
+        if self.shared.pool.clients().iter().any(|c| c.is_connected()) {
             Ok(())
         } else {
-            Err(format!("not connected to {}", self.target))
+            Err(format!("not connected to {}", self.shared.target))
         }
     }
 }
@@ -457,33 +404,18 @@ impl Store for RedisStore {
             // With no connection up, fred would queue the batch until it reconnects or the
             // timeout fires; failing now lets the fallback answer at once.
             self.ready().map_err(StoreError::Unavailable)?;
-            let mut replies = self.run_batch(ops, now).await;
-            if replies
-                .iter()
-                .any(|r| matches!(r, Err(e) if is_noscript(e)))
-            {
-                // The script cache was lost: load and retry once. The keys of the failed
-                // calls were not touched (NOSCRIPT happens before the script runs), and
-                // scripts that did run are idempotent only for zero hits, so retry just
-                // the failed ones.
-                self.load_scripts().await?;
-                let failed: Vec<usize> = replies
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| matches!(r, Err(e) if is_noscript(e)))
-                    .map(|(i, _)| i)
-                    .collect();
-                let retry_ops: Vec<CounterOp> = failed.iter().map(|&i| ops[i].clone()).collect();
-                let retried = self.run_batch(&retry_ops, now).await;
-                for (slot, reply) in failed.into_iter().zip(retried) {
-                    replies[slot] = reply;
-                }
-            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let calls = ops.iter().map(|op| batch::Call::of(op, now)).collect();
+            self.jobs
+                .send(batch::Job { calls, reply })
+                .map_err(|_| StoreError::Unavailable("the Redis dispatcher stopped".into()))?;
+            let replies = answer
+                .await
+                .map_err(|_| StoreError::Unavailable("the Redis batch was dropped".into()))?;
             if replies.len() != ops.len() {
-                return Err(match replies.into_iter().find_map(Result::err) {
-                    Some(e) => store_error(&e),
-                    None => StoreError::BadReply("reply count does not match the batch".into()),
-                });
+                return Err(StoreError::BadReply(
+                    "reply count does not match the batch".into(),
+                ));
             }
             for (op, reply) in ops.iter_mut().zip(replies) {
                 op.outcome = outcome(reply.map_err(|e| store_error(&e))?)?;
@@ -501,7 +433,8 @@ impl Remote for RedisStore {
 
     fn probe(&self) -> StoreFuture<'_> {
         Box::pin(async move {
-            self.pool
+            self.shared
+                .pool
                 .next()
                 .ping::<Value>(None)
                 .await

@@ -1,0 +1,29 @@
+-- batch: runs many counter calls in one script, each by its algorithm's function above (the
+-- three algorithm scripts, each wrapped as `local function name(KEYS, ARGV) ... end`).
+--
+-- ARGV[1]  the number of calls; then per call:
+--          algorithm (1 fixed_window, 2 sliding_window, 3 token_bucket), number of keys,
+--          limit, period ms, now ms, hits, 1 to give back / 0 to take, burst
+-- KEYS     every call's keys, in call order
+--
+-- Returns one { over, remaining, reset_ms } per call, in call order.
+local algorithms = { fixed_window, sliding_window, token_bucket }
+local out = {}
+local k = 1
+local a = 2
+for i = 1, tonumber(ARGV[1]) do
+  local algorithm = algorithms[tonumber(ARGV[a])]
+  local nkeys = tonumber(ARGV[a + 1])
+  local keys = {}
+  for j = 1, nkeys do
+    keys[j] = KEYS[k + j - 1]
+  end
+  local args = {}
+  for j = 1, 6 do
+    args[j] = ARGV[a + 1 + j]
+  end
+  out[i] = algorithm(keys, args)
+  k = k + nkeys
+  a = a + 8
+end
+return out

@@ -1,0 +1,286 @@
+//! Coalescing: every counter call queued by concurrent requests since the last send goes to
+//! Redis as one command, so the cost of a socket write and read (and the context switches
+//! around them) is shared by every request in the batch instead of paid by each.
+//!
+//! Why not fred's own pipelining: fred flushes the socket after every `EVALSHA` and every
+//! custom command, whatever is queued behind it, so a pipeline of N script calls is N writes,
+//! and concurrent requests never share one. Instead, one script (`batch.lua`, built from the
+//! three algorithm scripts as functions) takes any number of calls and runs them in order:
+//! one `EVALSHA`, one write, one reply carrying one outcome per call. Each call is still its
+//! algorithm's exact script, and the whole batch is atomic, so exactness is unchanged.
+//!
+//! The dispatcher adds no wait when Redis is idle: it sends as soon as a job arrives. It
+//! keeps at most `in_flight` batches outstanding (one per pooled connection); while they are
+//! out, new jobs queue, and the next send takes everything queued at once. On a cluster a
+//! script may only touch one slot, so a batch is split by slot (a hot key is one slot, and
+//! coalesces fully).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::warn;
+
+use super::{describe, is_noscript};
+use crate::limiter::{Algorithm, CounterOp, HitMode, keys};
+
+/// The most calls one `EVALSHA` carries: a batch runs inside Redis without interruption,
+/// so it is kept to about a millisecond of script time.
+const MAX_CALLS: usize = 256;
+
+/// The batch script: the three algorithm scripts as local functions, and a loop over the
+/// calls. `ARGV[1]` is the number of calls; each call then has its algorithm (1 fixed window,
+/// 2 sliding window, 3 token bucket), its number of keys and its six arguments (limit,
+/// period ms, now ms, hits, 1 to give back, burst); `KEYS` holds every call's keys in order.
+pub fn script() -> String {
+    let function =
+        |name: &str, body: &str| format!("local function {name}(KEYS, ARGV)\n{body}\nend\n");
+    let mut lua = String::new();
+    lua.push_str(&function(
+        "fixed_window",
+        include_str!("../lua/fixed_window.lua"),
+    ));
+    lua.push_str(&function(
+        "sliding_window",
+        include_str!("../lua/sliding_window.lua"),
+    ));
+    lua.push_str(&function(
+        "token_bucket",
+        include_str!("../lua/token_bucket.lua"),
+    ));
+    lua.push_str(include_str!("../lua/batch.lua"));
+    lua
+}
+
+/// One counter call, as the batch script takes it.
+pub struct Call {
+    first: String,
+    second: Option<String>,
+    algorithm: u8,
+    args: [u64; 6],
+}
+
+impl Call {
+    pub fn of(op: &CounterOp, now: u64) -> Self {
+        let period = op.threshold.period_ms();
+        let (first, second) = keys::for_call(&op.counter, op.algorithm, period, now);
+        Self {
+            first,
+            second,
+            algorithm: match op.algorithm {
+                Algorithm::FixedWindow => 1,
+                Algorithm::SlidingWindow => 2,
+                Algorithm::TokenBucket => 3,
+            },
+            args: [
+                op.threshold.limit,
+                period,
+                now,
+                op.hits,
+                u64::from(op.mode == HitMode::Give),
+                op.threshold.burst.unwrap_or(op.threshold.limit),
+            ],
+        }
+    }
+
+    /// The cluster slot of the call: every key of a counter shares its hash tag.
+    fn slot(&self) -> u16 {
+        fred::util::redis_keyslot(self.first.as_bytes())
+    }
+}
+
+/// What one request waits for: one reply (or error) per call, in order.
+pub type Replies = Vec<Result<Value, Error>>;
+
+/// One request's calls and where its answer goes.
+pub struct Job {
+    pub calls: Vec<Call>,
+    pub reply: oneshot::Sender<Replies>,
+}
+
+/// What the dispatcher and its batches share.
+pub struct Shared {
+    pub pool: Pool,
+    pub sha: String,
+    pub script: String,
+    /// A cluster takes one batch per slot; a single node or Sentinel master takes any keys.
+    pub clustered: bool,
+    pub target: String,
+}
+
+/// Starts the dispatcher; it ends when every sender is dropped (the store is gone).
+pub fn spawn(shared: Arc<Shared>, in_flight: usize) -> mpsc::UnboundedSender<Job> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(dispatch(shared, rx, in_flight.max(1)));
+    tx
+}
+
+async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>, in_flight: usize) {
+    let permits = Arc::new(Semaphore::new(in_flight));
+    loop {
+        // Waiting for a free slot first lets jobs pile up while every batch is out; they all
+        // leave together when one comes back.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = jobs.recv().await else {
+            return;
+        };
+        let mut calls = first.calls.len();
+        let mut batch = vec![first];
+        while calls < MAX_CALLS {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    calls += job.calls.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            run(&shared, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends a batch (one command per slot on a cluster, else one) and answers every job.
+async fn run(shared: &Arc<Shared>, batch: Vec<Job>) {
+    // Every call by (job, position), grouped by what one command may carry.
+    let mut groups: HashMap<u16, Vec<(usize, usize)>> = HashMap::new();
+    for (j, job) in batch.iter().enumerate() {
+        for (c, call) in job.calls.iter().enumerate() {
+            let key = if shared.clustered { call.slot() } else { 0 };
+            groups.entry(key).or_default().push((j, c));
+        }
+    }
+    let mut replies: Vec<Vec<Option<Result<Value, Error>>>> = batch
+        .iter()
+        .map(|job| (0..job.calls.len()).map(|_| None).collect())
+        .collect();
+    if groups.len() == 1 {
+        let (slot, members) = groups.into_iter().next().unwrap_or_default();
+        let calls: Vec<&Call> = members.iter().map(|&(j, c)| &batch[j].calls[c]).collect();
+        let results = send(shared, slot, &calls).await;
+        for ((j, c), result) in members.into_iter().zip(results) {
+            replies[j][c] = Some(result);
+        }
+    } else {
+        // Different slots live on different nodes: send them all at once.
+        let mut sent = tokio::task::JoinSet::new();
+        for (slot, members) in groups {
+            let calls: Vec<Call> = members
+                .iter()
+                .map(|&(j, c)| batch[j].calls[c].clone_for_send())
+                .collect();
+            let shared = shared.clone();
+            sent.spawn(async move {
+                let refs: Vec<&Call> = calls.iter().collect();
+                (members, send(&shared, slot, &refs).await)
+            });
+        }
+        while let Some(done) = sent.join_next().await {
+            if let Ok((members, results)) = done {
+                for ((j, c), result) in members.into_iter().zip(results) {
+                    replies[j][c] = Some(result);
+                }
+            }
+        }
+    }
+    for (job, answers) in batch.into_iter().zip(replies) {
+        let answers = answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Error::new(ErrorKind::Unknown, "batch lost"))))
+            .collect();
+        // The request may have given up (its timeout passed); nothing to do then.
+        let _ = job.reply.send(answers);
+    }
+}
+
+impl Call {
+    fn clone_for_send(&self) -> Call {
+        Call {
+            first: self.first.clone(),
+            second: self.second.clone(),
+            algorithm: self.algorithm,
+            args: self.args,
+        }
+    }
+}
+
+/// One `EVALSHA` of the batch script for `calls` (all in `slot` on a cluster); one result per
+/// call. A lost script cache (NOSCRIPT: the script did not run) loads it and sends again.
+async fn send(shared: &Shared, slot: u16, calls: &[&Call]) -> Replies {
+    let mut reply = evalsha(shared, slot, calls).await;
+    if matches!(&reply, Err(e) if is_noscript(e)) {
+        match shared
+            .pool
+            .next()
+            .script_load_cluster::<Value, _>(shared.script.as_str())
+            .await
+        {
+            Ok(_) => reply = evalsha(shared, slot, calls).await,
+            Err(e) => {
+                warn!(redis = %shared.target, error = %describe(&e, None), "cannot load the script")
+            }
+        }
+    }
+    match reply {
+        Ok(Value::Array(items)) if items.len() == calls.len() => {
+            items.into_iter().map(Ok).collect()
+        }
+        Ok(other) => {
+            let what = format!(
+                "batch reply of kind {} for {} calls",
+                other.kind(),
+                calls.len()
+            );
+            calls
+                .iter()
+                .map(|_| Err(Error::new(ErrorKind::Parse, what.clone())))
+                .collect()
+        }
+        Err(e) => calls.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+async fn evalsha(shared: &Shared, slot: u16, calls: &[&Call]) -> Result<Value, Error> {
+    // A connection that is down would queue the batch behind its reconnection until a
+    // timeout fires: take one that is up, or fail now so the fallback answers at once.
+    let client = shared.pool.next_connected();
+    if !client.is_connected() {
+        return Err(Error::new(
+            ErrorKind::IO,
+            format!("no connection to {} is up", shared.target),
+        ));
+    }
+    // fred routes custom commands only by an explicit slot (it would hash the SHA).
+    let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
+    let keys: usize = calls
+        .iter()
+        .map(|c| 1 + usize::from(c.second.is_some()))
+        .sum();
+    let mut args: Vec<Value> = Vec::with_capacity(3 + keys + calls.len() * 8);
+    args.push(Value::from(shared.sha.as_str()));
+    args.push(Value::Integer(keys as i64));
+    for call in calls {
+        args.push(Value::from(call.first.as_str()));
+        if let Some(second) = &call.second {
+            args.push(Value::from(second.as_str()));
+        }
+    }
+    args.push(Value::Integer(calls.len() as i64));
+    for call in calls {
+        args.push(Value::Integer(i64::from(call.algorithm)));
+        args.push(Value::Integer(1 + i64::from(call.second.is_some())));
+        args.extend(
+            call.args
+                .iter()
+                .map(|&v| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
+        );
+    }
+    client.custom::<Value, _>(command, args).await
+}
