@@ -10,13 +10,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::config::{
     Expect, Files, assert_error, domain_of, errors_of, find, line_equal, line_of, line_of_nth,
     render, route, rules, single,
 };
 use common::repo;
+use common::sluice::sluice_command;
 use sluice::config::{Domain, LimitBy, RouteLimits, load_paths};
 use sluice::limiter::{Threshold, Unit};
 
@@ -980,10 +980,9 @@ routes:
 // `sluice check`.
 
 fn sluice_check(paths: &[&std::path::Path]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = sluice_command()
         .arg("check")
         .args(paths)
-        .current_dir(repo())
         .output()
         .expect("run sluice check");
     (

@@ -15,7 +15,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::config::{Expect, Files, assert_error, errors_of, find, line_of, render, single};
 use common::repo;
@@ -1344,7 +1343,7 @@ descriptors:
 // `sluice check`.
 
 fn sluice_check(paths: &[&Path]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = sluice_command()
         .arg("check")
         .args(paths)
         .output()

@@ -14,16 +14,9 @@ routes:
     global_threshold: { query_per_minute: 10 }
 ";
 
-/// A loopback port nothing listens on: Redis is down from the start.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn with_redis_down(response_header: bool) -> Sluice {
-    let port = closed_port();
+    // A loopback port nothing listens on: Redis is down from the start.
+    let port = common::free_port();
     Sluice::start_with(&[("d.yaml", LIMITS)], move |s| {
         s.backend = Backend::Redis;
         s.redis.url = format!("redis://127.0.0.1:{port}");

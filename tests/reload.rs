@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::sluice::Sluice;
+use common::sluice::{Sluice, SluiceProcess};
 use sluice::config::reload::ReloadOutcome;
 use sluice::proto::rls::rate_limit_response::Code;
 
@@ -189,33 +189,17 @@ async fn a_configmap_style_symlink_swap_triggers_a_reload() {
 #[cfg(unix)]
 #[test]
 fn the_binary_logs_a_failed_reload_with_file_and_line_and_survives_sighup() {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("edge.yaml"), EDGE).unwrap();
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let grpc = port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("serve")
-        .env("SLUICE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-        .env("SLUICE_HTTP_ADDR", format!("127.0.0.1:{}", port()))
-        .env("SLUICE_LIMITS_DIR", dir.path())
-        .env("SLUICE_LIMITS_POLL_INTERVAL", "1h")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-        assert!(Instant::now() < deadline, "sluice did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let limits = dir.path().display().to_string();
+    let mut sluice = SluiceProcess::launch(
+        &["serve"],
+        &[
+            ("SLUICE_LIMITS_DIR", &limits),
+            ("SLUICE_LIMITS_POLL_INTERVAL", "1h"),
+        ],
+    );
+    sluice.wait_until_accepting(Duration::from_secs(20));
     std::fs::write(
         dir.path().join("edge.yaml"),
         EDGE.replace(
@@ -226,34 +210,14 @@ fn the_binary_logs_a_failed_reload_with_file_and_line_and_survives_sighup() {
     .unwrap();
     // A file event reloads (and fails); SIGHUP asks again: the process must stay up.
     std::thread::sleep(Duration::from_millis(600));
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sluice.signal("HUP");
     std::thread::sleep(Duration::from_millis(600));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP must not stop sluice"
-    );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    assert!(sluice.try_wait().is_none(), "SIGHUP must not stop sluice");
+    sluice.signal("TERM");
+    let status = sluice
+        .wait_for_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM\n{}", sluice.output()));
+    let stderr = sluice.stderr();
     assert!(status.success(), "exit after SIGTERM: {status}\n{stderr}");
     let failure = stderr
         .lines()
