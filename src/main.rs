@@ -53,6 +53,9 @@ enum Command {
         /// gRPC listen address
         #[arg(long, default_value = "127.0.0.1:8091")]
         grpc_addr: String,
+        /// A bare tonic server instead: `Server::builder()` defaults, no health or reflection
+        #[arg(long)]
+        plain: bool,
     },
 }
 
@@ -109,7 +112,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Baseline { grpc_addr } => {
+        Command::Baseline { grpc_addr, plain } => {
             sluice::server::init_tracing(&Settings::default());
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -118,7 +121,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(sluice::server::run_baseline(&grpc_addr)) {
+            let served = if plain {
+                runtime.block_on(sluice::server::run_plain_baseline(&grpc_addr))
+            } else {
+                runtime.block_on(sluice::server::run_baseline(&grpc_addr))
+            };
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -5,6 +5,8 @@
 //! (result, decision, store, kind), never from request values: an unknown domain is counted
 //! under `_unknown`, so cardinality is bounded by the config, not by traffic.
 
+use std::sync::OnceLock;
+
 use metrics::{Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -48,6 +50,17 @@ pub enum RequestResult {
 }
 
 impl RequestResult {
+    /// Position in a domain's request counter slots.
+    pub const fn index(self) -> usize {
+        match self {
+            RequestResult::Ok => 0,
+            RequestResult::OverLimit => 1,
+            RequestResult::Invalid => 2,
+            RequestResult::Error => 3,
+            RequestResult::Shed => 4,
+        }
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             RequestResult::Ok => "ok",
@@ -71,6 +84,16 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Position in a rule's decision counter slots.
+    pub const fn index(self) -> usize {
+        match self {
+            Decision::Ok => 0,
+            Decision::NearLimit => 1,
+            Decision::OverLimit => 2,
+            Decision::Shadow => 3,
+        }
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Decision::Ok => "ok",
@@ -88,6 +111,13 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     process: metrics_process::Collector,
+    /// Handles of the request path kept once registered, so a request only increments and
+    /// records (registering builds label strings and searches the registry).
+    request_duration: OnceLock<metrics::Histogram>,
+    /// By store: `memory`, `redis`.
+    store_duration: [OnceLock<metrics::Histogram>; 2],
+    /// Requests of domains that are not configured, by result.
+    unknown_requests: [OnceLock<metrics::Counter>; 5],
 }
 
 impl Default for Metrics {
@@ -108,6 +138,9 @@ impl Metrics {
             recorder,
             handle,
             process,
+            request_duration: OnceLock::new(),
+            store_duration: Default::default(),
+            unknown_requests: Default::default(),
         };
         metrics.describe();
         metrics
@@ -225,32 +258,68 @@ impl Metrics {
             .register_histogram(&Self::key(name, labels), &METADATA)
     }
 
-    pub fn request(&self, domain: &str, result: RequestResult, seconds: f64) {
-        self.counter(REQUESTS, &[("domain", domain), ("result", result.as_str())])
-            .increment(1);
-        self.histogram(REQUEST_DURATION, &[]).record(seconds);
-    }
-
-    pub fn decision(&self, domain: &str, route: &str, rule: &str, decision: Decision) {
-        self.counter(
-            DECISIONS,
-            &[
-                ("domain", domain),
-                ("route", route),
-                ("rule", rule),
-                ("decision", decision.as_str()),
-            ],
-        )
+    /// Counts a request of `domain` (its slots, or `None` for a domain not configured,
+    /// labelled `_unknown`) and records its latency.
+    pub fn request(
+        &self,
+        slots: Option<&[OnceLock<metrics::Counter>; 5]>,
+        domain: &str,
+        result: RequestResult,
+        seconds: f64,
+    ) {
+        let slot = &slots.unwrap_or(&self.unknown_requests)[result.index()];
+        slot.get_or_init(|| {
+            self.counter(REQUESTS, &[("domain", domain), ("result", result.as_str())])
+        })
         .increment(1);
+        self.request_duration
+            .get_or_init(|| self.histogram(REQUEST_DURATION, &[]))
+            .record(seconds);
     }
 
-    pub fn unmatched(&self, domain: &str) {
-        self.counter(UNMATCHED, &[("domain", domain)]).increment(1);
+    /// Counts a decision of (domain, route, rule) in the rule's slots.
+    pub fn decision(
+        &self,
+        slots: &[OnceLock<metrics::Counter>; 4],
+        labels: [&str; 3],
+        decision: Decision,
+    ) {
+        let [domain, route, rule] = labels;
+        slots[decision.index()]
+            .get_or_init(|| {
+                self.counter(
+                    DECISIONS,
+                    &[
+                        ("domain", domain),
+                        ("route", route),
+                        ("rule", rule),
+                        ("decision", decision.as_str()),
+                    ],
+                )
+            })
+            .increment(1);
+    }
+
+    /// Counts a descriptor of `domain` that matched no limit, in the domain's slot.
+    pub fn unmatched(&self, slot: &OnceLock<metrics::Counter>, domain: &str) {
+        slot.get_or_init(|| self.counter(UNMATCHED, &[("domain", domain)]))
+            .increment(1);
     }
 
     pub fn store_call(&self, store: &'static str, seconds: f64, error: Option<&'static str>) {
-        self.histogram(STORE_DURATION, &[("store", store)])
-            .record(seconds);
+        let cached = match store {
+            "memory" => Some(&self.store_duration[0]),
+            "redis" => Some(&self.store_duration[1]),
+            _ => None,
+        };
+        match cached {
+            Some(slot) => slot
+                .get_or_init(|| self.histogram(STORE_DURATION, &[("store", store)]))
+                .record(seconds),
+            None => self
+                .histogram(STORE_DURATION, &[("store", store)])
+                .record(seconds),
+        }
         if let Some(kind) = error {
             self.counter(STORE_ERRORS, &[("store", store), ("kind", kind)])
                 .increment(1);

@@ -381,50 +381,70 @@ pub fn init_tracing(settings: &Settings) {
     };
 }
 
-/// The no-op RLS of the benchmarks: the same tonic stack as [`start`] (health, reflection,
-/// the RLS service) answering every `ShouldRateLimit` with OK and one OK status per
-/// descriptor, without matching, counting or metrics. `sluice baseline` serves it, so a load
+/// The RLS of the benchmarks' no-op servers: answers every `ShouldRateLimit` with OK and one
+/// OK status per descriptor, without matching, counting or metrics.
+struct NoopRls;
+
+#[tonic::async_trait]
+impl proto::rls::rate_limit_service_server::RateLimitService for NoopRls {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<proto::rls::RateLimitRequest>,
+    ) -> Result<tonic::Response<proto::rls::RateLimitResponse>, tonic::Status> {
+        use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus};
+        let ok = DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        };
+        Ok(tonic::Response::new(proto::rls::RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            statuses: vec![ok; request.get_ref().descriptors.len()],
+            ..Default::default()
+        }))
+    }
+}
+
+/// The no-op RLS of the benchmarks on the same tonic stack as [`start`] (health, reflection,
+/// TCP_NODELAY on accepted streams, the RLS service). `sluice baseline` serves it, so a load
 /// run against it measures the transport alone and sluice's numbers can be read as a ratio.
 pub async fn serve_baseline(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    use crate::proto::rls::rate_limit_response::{Code, DescriptorStatus};
-    use crate::proto::rls::rate_limit_service_server::RateLimitService;
-    use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
-
-    struct Baseline;
-
-    #[tonic::async_trait]
-    impl RateLimitService for Baseline {
-        async fn should_rate_limit(
-            &self,
-            request: tonic::Request<RateLimitRequest>,
-        ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-            let ok = DescriptorStatus {
-                code: Code::Ok as i32,
-                ..Default::default()
-            };
-            Ok(tonic::Response::new(RateLimitResponse {
-                overall_code: Code::Ok as i32,
-                statuses: vec![ok; request.get_ref().descriptors.len()],
-                ..Default::default()
-            }))
-        }
-    }
-
     let (_reporter, health, reflection) =
-        health_and_reflection::<RateLimitServiceServer<Baseline>>().await?;
+        health_and_reflection::<RateLimitServiceServer<NoopRls>>().await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(RateLimitServiceServer::new(Baseline))
+        .add_service(RateLimitServiceServer::new(NoopRls))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await
         .map_err(|e| ServeError::Setup(format!("baseline server: {e}")))
+}
+
+/// `sluice baseline --plain`: the same no-op RLS on a bare tonic server, `Server::builder()`
+/// with its defaults binding `addr` itself, and no health or reflection service; serves until
+/// SIGINT or SIGTERM. The benchmarks compare it with [`serve_baseline`] to see what sluice's own
+/// server settings cost or save.
+pub async fn run_plain_baseline(addr: &str) -> Result<(), ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket = tokio::net::lookup_host(addr)
+        .await
+        .map_err(bind_error)?
+        .next()
+        .ok_or_else(|| bind_error(std::io::ErrorKind::NotFound.into()))?;
+    info!(grpc_addr = %socket, "serving the no-op RLS on a bare tonic server (answers OK to everything)");
+    tonic::transport::Server::builder()
+        .add_service(RateLimitServiceServer::new(NoopRls))
+        .serve_with_shutdown(socket, shutdown_signal())
+        .await
+        .map_err(|e| ServeError::Setup(format!("bare tonic server: {e}")))
 }
 
 /// `sluice baseline`: serves [`serve_baseline`] on `addr` until SIGINT or SIGTERM.

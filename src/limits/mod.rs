@@ -6,11 +6,13 @@
 //! reads thresholds) and the service can all speak it without knowing each other. Plain data
 //! and arithmetic on it only: no I/O, no matching, no counting.
 
+mod handles;
 mod redis;
 mod set;
 mod tree;
 mod vocabulary;
 
+pub use handles::*;
 pub use redis::*;
 pub use set::*;
 pub use tree::*;

@@ -11,7 +11,9 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::Serialize;
 
-use super::{Algorithm, DescriptorTree, FallbackMode, HeaderStyle, Threshold};
+use super::{
+    Algorithm, DescriptorTree, DomainHandles, FallbackMode, HeaderStyle, RouteHandles, Threshold,
+};
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
 #[derive(Debug, Default)]
@@ -38,6 +40,8 @@ pub struct Domain {
     /// Whether a request's `limit` override is honoured.
     pub allow_limit_override: bool,
     pub limits: DomainLimits,
+    /// Metric handles of the domain, kept once registered.
+    pub handles: DomainHandles,
 }
 
 /// A domain is written in one format and matched by its rules, never a mix of both.
@@ -144,6 +148,10 @@ pub struct Route {
     pub limits: std::sync::Arc<RouteLimits>,
     /// The route whose `global_threshold` / `rule_items` these are (itself or an ancestor).
     pub limits_from: String,
+    /// `current_limit.name` of each rule (`route/rule`, by rule `index`), built once.
+    pub status_names: Vec<String>,
+    /// Metric handles of each rule on this route (children count apart from parents).
+    pub handles: RouteHandles,
 }
 
 /// A route's limits: one threshold for the whole route, or rule items tried in order.
@@ -162,6 +170,9 @@ pub struct Rule {
     /// Shown to people: `current_limit.name` is `route/name`.
     pub name: String,
     pub threshold: Threshold,
+    /// Position among its route's rules (0 for a global threshold, then rule items' keys
+    /// in order): where the route keeps this rule's status name and metric handles.
+    pub index: usize,
 }
 
 #[derive(Debug)]
@@ -287,6 +298,26 @@ impl LimitSet {
 }
 
 impl RouteLimits {
+    /// Every rule, in `index` order.
+    pub fn rules(&self) -> Vec<&Rule> {
+        match self {
+            RouteLimits::Global(rule) => vec![rule],
+            RouteLimits::Items(items) => items
+                .iter()
+                .flat_map(|item| item.keys.iter().map(|k| &k.rule))
+                .collect(),
+        }
+    }
+
+    /// Numbers the rules in order (their `index`).
+    pub fn number_rules(&mut self) {
+        if let RouteLimits::Items(items) = self {
+            for (index, key) in items.iter_mut().flat_map(|i| i.keys.iter_mut()).enumerate() {
+                key.rule.index = index;
+            }
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
         match self {

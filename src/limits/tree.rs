@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
-use super::Threshold;
+use super::{DecisionHandles, Threshold};
 
 /// A domain's descriptors after loading: what the matcher walks.
 #[derive(Debug, Default)]
@@ -52,6 +52,8 @@ pub struct Node {
     /// Accepted for compatibility; sluice's metrics never carry request values.
     pub value_to_metric: bool,
     pub children: Level,
+    /// Metric handles of this node's limit, kept once registered.
+    pub handles: DecisionHandles,
 }
 
 /// A node's `rate_limit`.

@@ -89,5 +89,7 @@ fn compat_match<'a>(
         limit_name: limit.name.as_deref(),
         replaces: &limit.replaces,
         unlimited: limit.threshold.is_none(),
+        handles: &node.handles,
+        status_name: Some(&limit.display),
     }
 }

@@ -12,7 +12,7 @@ mod native;
 
 use std::fmt::Write as _;
 
-use crate::limits::{Domain, DomainLimits, Route, Threshold, Unit};
+use crate::limits::{DecisionHandles, Domain, DomainLimits, Route, Threshold, Unit};
 use crate::proto::descriptor::RateLimitDescriptor;
 use crate::proto::descriptor::rate_limit_descriptor::{Entry, RateLimitOverride};
 use crate::proto::unit::RateLimitUnit;
@@ -46,6 +46,10 @@ pub struct Matched<'a> {
     pub replaces: &'a [String],
     /// envoyproxy/ratelimit `unlimited: true`: OK without counting.
     pub unlimited: bool,
+    /// Where the service keeps this limit's decision counters once registered.
+    pub handles: &'a DecisionHandles,
+    /// `current_limit.name`, when built at load (`route/rule` of a configured rule).
+    pub status_name: Option<&'a str>,
 }
 
 impl<'a> Matched<'a> {
@@ -55,6 +59,8 @@ impl<'a> Matched<'a> {
         rule: &'a str,
         threshold: Threshold,
         counter: String,
+        handles: &'a DecisionHandles,
+        status_name: Option<&'a str>,
     ) -> Self {
         Self {
             route,
@@ -66,6 +72,8 @@ impl<'a> Matched<'a> {
             limit_name: None,
             replaces: &[],
             unlimited: false,
+            handles,
+            status_name,
         }
     }
 }
@@ -140,7 +148,11 @@ fn override_match<'a>(
         &hasher.finalize().to_hex()[..32],
         threshold.period_ms() / 1000
     );
-    Matched::native(route, OVERRIDE_RULE, threshold, counter)
+    let handles = match route {
+        Some(route) => &route.handles.override_decisions,
+        None => &domain.handles.override_decisions,
+    };
+    Matched::native(route, OVERRIDE_RULE, threshold, counter, handles, None)
 }
 
 /// The value of the entry `key`, if the descriptor has one.

@@ -8,7 +8,9 @@
 use std::net::IpAddr;
 
 use super::{Matched, find, push_component};
-use crate::limits::{Domain, KeyRule, LimitBy, Route, RouteLimits, RuleItem};
+use crate::limits::{
+    DecisionHandles, Domain, KeyRule, LimitBy, Route, RouteLimits, Rule, RuleItem,
+};
 use crate::proto::descriptor::rate_limit_descriptor::Entry;
 
 pub(super) fn match_route<'a>(
@@ -35,6 +37,8 @@ pub(super) fn match_route<'a>(
             &rule.name,
             rule.threshold,
             counter_for(&rule.id, None),
+            handles(route, rule),
+            route.status_names.get(rule.index).map(String::as_str),
         )),
         RouteLimits::Items(items) => items.iter().find_map(|item| {
             let (key, value, ip) = match_item(item, entries)?;
@@ -55,9 +59,20 @@ pub(super) fn match_route<'a>(
                 &rule.name,
                 rule.threshold,
                 counter_for(&rule.id, per_value),
+                handles(route, rule),
+                route.status_names.get(rule.index).map(String::as_str),
             ))
         }),
     }
+}
+
+/// The decision counters of `rule` on `route` (its parent, sharing the rule, counts apart).
+fn handles<'a>(route: &'a Route, rule: &Rule) -> &'a DecisionHandles {
+    route
+        .handles
+        .rules
+        .get(rule.index)
+        .unwrap_or(&route.handles.override_decisions)
 }
 
 /// The first key of `item` that matches, with the value it matched (and the address, for

@@ -172,6 +172,7 @@ impl RateLimiter {
         // Shed load rather than queue: a request that cannot start now is refused at once.
         let Ok(_permit) = self.in_flight.try_acquire() else {
             self.metrics.request(
+                None,
                 m::UNKNOWN_DOMAIN,
                 RequestResult::Shed,
                 started.elapsed().as_secs_f64(),
@@ -190,8 +191,12 @@ impl RateLimiter {
             Err(RequestError::Store(_)) => RequestResult::Error,
             Err(RequestError::Overloaded(_)) => RequestResult::Shed,
         };
-        self.metrics
-            .request(domain_label, outcome, started.elapsed().as_secs_f64());
+        self.metrics.request(
+            domain.map(|d| &d.handles.requests),
+            domain_label,
+            outcome,
+            started.elapsed().as_secs_f64(),
+        );
         result
     }
 

@@ -37,7 +37,7 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
     for descriptor in &request.descriptors {
         let matched = matcher::match_descriptor(domain, descriptor);
         if matched.is_none() {
-            metrics.unmatched(&domain.name);
+            metrics.unmatched(&domain.handles.unmatched, &domain.name);
         }
         matches.push(matched);
     }

@@ -64,7 +64,7 @@ pub fn respond(
         if m.unlimited {
             // envoyproxy/ratelimit `unlimited: true`: OK without counting, and the most a
             // count can say as remaining, as upstream.
-            metrics.decision(domain, route_name, m.rule, Decision::Ok);
+            metrics.decision(&m.handles.0, [domain, route_name, m.rule], Decision::Ok);
             statuses.push(DescriptorStatus {
                 code: Code::Ok as i32,
                 limit_remaining: u32::MAX,
@@ -87,7 +87,7 @@ pub fn respond(
             }
             (false, _) => Decision::Ok,
         };
-        metrics.decision(domain, route_name, m.rule, decision);
+        metrics.decision(&m.handles.0, [domain, route_name, m.rule], decision);
         if outcome.over {
             debug!(
                 domain,
@@ -180,9 +180,10 @@ fn current_limit(m: &Matched<'_>) -> RateLimit {
         Unit::Month => ProtoUnit::Month,
         Unit::Year => ProtoUnit::Year,
     };
-    let name = match m.route {
-        Some(route) => format!("{}/{}", route.name, m.rule),
-        None => m.rule.to_string(),
+    let name = match (m.status_name, m.route) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(route)) => format!("{}/{}", route.name, m.rule),
+        (None, None) => m.rule.to_string(),
     };
     RateLimit {
         name,

@@ -29,7 +29,8 @@ use serde_saphyr::Spanned;
 
 use super::diagnostics::{ConfigError, find_key_line, parse_error};
 use crate::limits::{
-    DescriptorLimit, DescriptorTree, Domain, DomainLimits, Level, Node, Threshold, Unit,
+    DecisionHandles, DescriptorLimit, DescriptorTree, Domain, DomainHandles, DomainLimits, Level,
+    Node, Threshold, Unit,
 };
 
 /// What `sluice check` and `/config` call this format.
@@ -153,6 +154,7 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
         file: file.to_path_buf(),
         allow_limit_override: true,
         limits: DomainLimits::Descriptors(DescriptorTree { descriptors: level }),
+        handles: DomainHandles::default(),
     })
 }
 
@@ -311,6 +313,7 @@ impl Cx<'_> {
                     detailed_metric: d.detailed_metric.unwrap_or(false),
                     value_to_metric: d.value_to_metric.unwrap_or(false),
                     children,
+                    handles: DecisionHandles::default(),
                 });
             }
         }

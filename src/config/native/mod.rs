@@ -270,6 +270,12 @@ impl<'a> FileContext<'a> {
                 continue;
             };
             self.check_algorithm(at, &resolved.settings, &limits);
+            let rules = limits.rules();
+            let status_names = rules
+                .iter()
+                .map(|rule| format!("{name}/{}", rule.name))
+                .collect();
+            let handles = RouteHandles::new(rules.len());
             routes.insert(
                 name.clone(),
                 Route {
@@ -278,6 +284,8 @@ impl<'a> FileContext<'a> {
                     settings: resolved.settings.clone(),
                     limits,
                     limits_from,
+                    status_names,
+                    handles,
                 },
             );
         }
@@ -286,6 +294,7 @@ impl<'a> FileContext<'a> {
             file: self.file.to_path_buf(),
             allow_limit_override: raw.allow_limit_override.unwrap_or(true),
             limits: DomainLimits::Native { route_key, routes },
+            handles: DomainHandles::default(),
         })
     }
 

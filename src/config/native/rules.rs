@@ -29,6 +29,7 @@ impl FileContext<'_> {
                     id: rule_id(&["global"], threshold.period_ms()),
                     name: "global".to_string(),
                     threshold,
+                    index: 0,
                 }))
             }
             (None, Some(items)) => {
@@ -53,7 +54,11 @@ impl FileContext<'_> {
                         self.rule_item(&item.value, at, &format!("rule_items[{i}]"))
                     })
                     .collect();
-                (self.errors.len() == before).then_some(RouteLimits::Items(compiled))
+                (self.errors.len() == before).then(|| {
+                    let mut limits = RouteLimits::Items(compiled);
+                    limits.number_rules();
+                    limits
+                })
             }
             (None, None) => None,
         }
@@ -350,6 +355,7 @@ impl FileContext<'_> {
                 id,
                 name,
                 threshold,
+                index: 0,
             },
         })
     }
