@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Reads a request whose client-supplied strings are not UTF-8 instead of refusing
+        // it (a refusal would let the request past Envoy uncounted): see src/proto/codec.rs.
+        .codec_path("crate::proto::codec::LenientCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 pub mod envoy {
     pub mod config {
         pub mod core {

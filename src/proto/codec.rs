@@ -1,0 +1,201 @@
+//! The gRPC codec of the RLS service: prost, except that a request whose strings are not
+//! valid UTF-8 is still read.
+//!
+//! Protobuf `string` fields must hold UTF-8, and prost refuses a message that breaks the
+//! rule. But the values in a descriptor come from Envoy's clients: an HTTP header may carry
+//! any byte from 0x80 to 0xFF, and Envoy forwards it as it is. Refusing the request would be
+//! an error answer, which Envoy (failing open by default) turns into a request let through
+//! uncounted: one odd byte in an API key would be a way past every limit. So when the strict
+//! decode fails, the request is read again with its strings as bytes, and each invalid byte
+//! is written `\xNN`, which keeps distinct values distinct.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use prost::bytes::Buf;
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
+
+use super::descriptor::RateLimitDescriptor;
+use super::descriptor::rate_limit_descriptor::{Entry, RateLimitOverride};
+use super::rls::RateLimitRequest;
+
+/// A message that can be read leniently when its strict decode fails.
+pub trait Lenient: Message + Default + Sized {
+    /// The message from `bytes` whatever its strings hold; `None` when the bytes are not the
+    /// message at all.
+    fn decode_lenient(_bytes: &[u8]) -> Option<Self> {
+        None
+    }
+}
+
+impl Lenient for super::rls::RateLimitResponse {}
+
+impl Lenient for RateLimitRequest {
+    fn decode_lenient(bytes: &[u8]) -> Option<Self> {
+        let raw = RawRequest::decode(bytes).ok()?;
+        Some(RateLimitRequest {
+            domain: text(raw.domain),
+            descriptors: raw
+                .descriptors
+                .into_iter()
+                .map(|d| RateLimitDescriptor {
+                    entries: d
+                        .entries
+                        .into_iter()
+                        .map(|e| Entry {
+                            key: text(e.key),
+                            value: text(e.value),
+                        })
+                        .collect(),
+                    limit: d.limit,
+                    hits_addend: d.hits_addend,
+                    is_negative_hits: d.is_negative_hits,
+                })
+                .collect(),
+            hits_addend: raw.hits_addend,
+        })
+    }
+}
+
+/// `bytes` as text: valid UTF-8 unchanged, each invalid byte as `\xNN`.
+fn text(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
+        Ok(valid) => valid,
+        Err(e) => {
+            let bytes = e.into_bytes();
+            let mut out = String::with_capacity(bytes.len() + 8);
+            for chunk in bytes.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for byte in chunk.invalid() {
+                    out.push_str(&format!("\\x{byte:02X}"));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `RateLimitRequest` with its strings read as bytes (same field numbers and wire types).
+#[derive(Clone, PartialEq, Message)]
+struct RawRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    descriptors: Vec<RawDescriptor>,
+    #[prost(uint32, tag = "3")]
+    hits_addend: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<RawEntry>,
+    #[prost(message, optional, tag = "2")]
+    limit: Option<RateLimitOverride>,
+    #[prost(message, optional, tag = "3")]
+    hits_addend: Option<u64>,
+    #[prost(bool, tag = "4")]
+    is_negative_hits: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// prost encoding, lenient decoding (see the module comment).
+#[derive(Debug, Clone)]
+pub struct LenientCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for LenientCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for LenientCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Lenient + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = LenientDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        LenientDecoder(PhantomData)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LenientDecoder<U>(PhantomData<U>);
+
+impl<U: Lenient> Decoder for LenientDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let bytes = buf.copy_to_bytes(buf.remaining());
+        match U::decode(bytes.clone()) {
+            Ok(message) => Ok(Some(message)),
+            Err(e) => U::decode_lenient(&bytes)
+                .map(Some)
+                .ok_or_else(|| Status::internal(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_with_invalid_utf8_values_is_read_with_them_escaped() {
+        let raw = RawRequest {
+            domain: b"edge".to_vec(),
+            descriptors: vec![RawDescriptor {
+                entries: vec![
+                    RawEntry {
+                        key: b"route".to_vec(),
+                        value: b"api".to_vec(),
+                    },
+                    RawEntry {
+                        key: b"x-api-key".to_vec(),
+                        value: b"k\xff\xfe-\xc3\xa9".to_vec(),
+                    },
+                ],
+                limit: None,
+                hits_addend: Some(2),
+                is_negative_hits: false,
+            }],
+            hits_addend: 0,
+        };
+        let bytes = raw.encode_to_vec();
+        assert!(RateLimitRequest::decode(bytes.as_slice()).is_err());
+        let read = RateLimitRequest::decode_lenient(&bytes).expect("read leniently");
+        assert_eq!(read.domain, "edge");
+        assert_eq!(read.descriptors[0].entries[1].value, "k\\xFF\\xFE-é");
+        assert_eq!(read.descriptors[0].hits_addend, Some(2));
+        // Distinct invalid bytes stay distinct.
+        assert_ne!(text(b"\xff".to_vec()), text(b"\xfe".to_vec()));
+        // Valid requests decode as before.
+        let valid = RateLimitRequest {
+            domain: "edge".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            RateLimitRequest::decode(valid.encode_to_vec().as_slice()).ok(),
+            Some(valid)
+        );
+    }
+}
