@@ -5,8 +5,8 @@
 //!
 //! The Redis cases are skipped with a note when `redis-server` is not installed.
 
-#[path = "../tests/redis_support/mod.rs"]
-mod redis_support;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::hint::black_box;
 use std::path::Path;
@@ -50,11 +50,11 @@ fn limiter(store: Arc<dyn Store>) -> RateLimiter {
         Ok(limits) => limits,
         Err(e) => panic!("example limits must load: {e}"),
     };
-    // A fixed time after the real clock (see redis_support::BASE_MS), 15 s into a minute.
+    // A fixed time after the real clock (see common::scenarios::BASE_MS), 15 s into a minute.
     RateLimiter::new(
         limits,
         store,
-        Arc::new(ManualClock::new(redis_support::BASE_MS + 15_250)),
+        Arc::new(ManualClock::new(common::scenarios::BASE_MS + 15_250)),
         RequestBounds::default(),
     )
 }
@@ -83,15 +83,12 @@ fn bench(c: &mut Criterion) {
     ];
 
     let memory = limiter(Arc::new(MemoryStore::new(1_000_000)));
-    let redis_server = if redis_support::redis_available() {
-        Some(redis_support::RedisServer::start())
-    } else {
-        eprintln!("note: redis-server not found: only the memory cases run");
-        None
-    };
+    // Panics, saying how to install it, when redis-server is missing: a bench that quietly
+    // skipped its Redis half would report half a comparison.
+    let redis_server = Some(common::redis::RedisServer::start());
     let redis = redis_server.as_ref().map(|server| {
         let store = rt.block_on(async {
-            let mut settings = redis_support::redis_settings(&server.url());
+            let mut settings = common::store::redis_settings(&server.url());
             settings.pool_size = 4;
             match RedisStore::connect(&settings).await {
                 Ok(store) => store,

@@ -1,4 +1,4 @@
-//! Load errors of limits files (DESIGN §2), `sluice check`, and the resolved model
+//! Load errors of limits files, `sluice check`, and the resolved model
 //! (inheritance, rule identity).
 //!
 //! Every error test checks the error's file, line, route and field, and that its rendering

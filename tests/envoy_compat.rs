@@ -1,4 +1,4 @@
-//! Limits files in the envoyproxy/ratelimit format (DESIGN §2, last paragraph): a file whose top
+//! Limits files in the envoyproxy/ratelimit format: a file whose top
 //! level has `descriptors:` is read with that project's schema and matching rules, so its users
 //! switch without rewriting their limits.
 //!

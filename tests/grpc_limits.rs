@@ -2,7 +2,7 @@
 //! mode, quota headers, body and metadata, hits_addend, request-side overrides, unknown
 //! domains and routes, and the example limits of `config/limits` served as they are.
 //!
-//! Each test runs its own server on a loopback port with a manual clock (DESIGN §3: no test
+//! Each test runs its own server on a loopback port with a manual clock (time is a dependency: no test
 //! sleeps to cross a window) and asserts whole answers.
 
 mod common;
@@ -1349,7 +1349,7 @@ async fn example_edge_login_limits_the_first_forwarded_address() {
 #[tokio::test]
 async fn example_edge_login_rule_is_named_by_its_item_name() {
     // edge.yaml names the login item `login-per-client`; a rule's optional name is its
-    // identity and what current_limit.name shows (DESIGN §2, §4).
+    // identity and what current_limit.name shows.
     let mut s = Sluice::start_examples().await;
     let st = s
         .status(

@@ -1,5 +1,5 @@
 //! Requests as a hostile or careless client sends them: malformed requests get
-//! INVALID_ARGUMENT with a message that says what was wrong (DESIGN §5), never a panic; the
+//! INVALID_ARGUMENT with a message that says what was wrong, never a panic; the
 //! health and reflection services answer; and 10,000 seeded random requests over one
 //! connection all get an answer.
 
@@ -583,7 +583,7 @@ fn fuzz_request(rng: &mut Rng, max_message_bytes: usize) -> RateLimitRequest {
     req
 }
 
-/// Whether DESIGN §5 and the bounds make this request valid.
+/// Whether the request-shape rules and the bounds make this request valid.
 fn is_valid(req: &RateLimitRequest, b: &RequestBounds) -> bool {
     !req.domain.is_empty()
         && req.domain.len() <= b.max_key_bytes

@@ -348,7 +348,7 @@ async fn metrics_count_every_request_and_decision_exactly() {
         Some(39.0),
         "{text}"
     );
-    // One store batch per request that matched anything (DESIGN §1): 12 + 11 + 7 + 1 + 1 + 2.
+    // One store batch per request that matched anything: 12 + 11 + 7 + 1 + 1 + 2.
     // (The memory backend has no over-limit cache in front of it: every one reaches it.)
     assert_eq!(
         value_of(

@@ -178,7 +178,7 @@ async fn random_values_have_the_given_cardinality() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_counted_by_grpc_code() {
     let (server, _dir) = sluice().await;
-    // An empty domain is INVALID_ARGUMENT (DESIGN §5).
+    // An empty domain is INVALID_ARGUMENT (Envoy's configuration decides it).
     let report = load_json(server.grpc_addr, &["-n", "200", "-c", "4", "--domain", ""]).await;
     assert_eq!(u(&report, "requests"), 200, "{report}");
     assert_eq!(u(&report, "error_count"), 200, "{report}");

@@ -1,4 +1,4 @@
-//! The Redis store on a Redis Cluster of three masters (DESIGN §3 "Keys"): the scripts give
+//! The Redis store on a Redis Cluster of three masters: the scripts give
 //! the memory store's answers there too, counters spread over every master (the hash tag is
 //! the counter, not a constant), and one request's batch may span all the nodes.
 //!

@@ -1,7 +1,7 @@
 //! Exact counting across replicas: three real `sluice serve` processes share one Redis (or
 //! one 3-master cluster), 32 concurrent clients spread over them, and a counter limited to
 //! 100 per minute admits exactly 100 requests, never 99 or 101, however the requests
-//! interleave (DESIGN §3: the script is atomic, every replica agrees on the window).
+//! interleave (the script is atomic, every replica agrees on the window).
 //!
 //! These tests run on the system clock (the real binary), so a minute boundary during the
 //! run would split the count over two windows; each test makes sure it starts with at least

@@ -2,7 +2,7 @@
 //! under a steady load while its `redis-server` is killed (SIGKILL) and restarted on the same
 //! port, or frozen (SIGSTOP) and thawed (SIGCONT).
 //!
-//! DESIGN §3 "Fallback": no request waits for a dead store and none fails (route `fallback:
+//! The fallback: no request waits for a dead store and none fails (route `fallback:
 //! local`, `timeout: 20ms`), and counting goes back to Redis once it answers again. Then each
 //! other fallback mode answers as specified while Redis is down.
 //!

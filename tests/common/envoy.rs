@@ -188,14 +188,23 @@ impl Envoy {
         let mut all = vec![("host", "localhost")];
         all.extend_from_slice(headers);
         let addr = SocketAddr::from(([127, 0, 0, 1], self.listener));
-        http::send(addr, "GET", path, &all, None, REQUEST_WITHIN)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
+        // A refused connection never reached Envoy (its listener was seen accepting a moment
+        // before, on a machine where other tests open and close ports): try it again, a few
+        // times. Anything else is the answer, or a failure.
+        let mut attempt = 0;
+        loop {
+            match http::send(addr, "GET", path, &all, None, REQUEST_WITHIN).await {
+                Ok(response) => return response,
+                Err(e) if e.contains("connect:") && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!(
                     "GET {path} through Envoy: {e}\nEnvoy log:\n{}",
                     self.log_text()
-                )
-            })
+                ),
+            }
+        }
     }
 }
 
