@@ -145,13 +145,26 @@ impl<U: Lenient> Decoder for LenientDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        match U::decode(bytes.clone()) {
+        let len = buf.remaining();
+        // A message is almost always one contiguous chunk: read it in place, and read it
+        // again leniently from the same bytes if need be. Only a split message is copied.
+        let copied;
+        let bytes: &[u8] = if buf.chunk().len() >= len {
+            &buf.chunk()[..len]
+        } else {
+            copied = buf.copy_to_bytes(len);
+            &copied
+        };
+        let decoded = match U::decode(bytes) {
             Ok(message) => Ok(Some(message)),
-            Err(e) => U::decode_lenient(&bytes)
+            Err(e) => U::decode_lenient(bytes)
                 .map(Some)
                 .ok_or_else(|| Status::internal(e.to_string())),
+        };
+        if buf.remaining() == len {
+            buf.advance(len);
         }
+        decoded
     }
 }
 
