@@ -10,6 +10,7 @@
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod envoy_snippets;
 pub mod limiter;
 pub mod limits;
 pub mod matcher;

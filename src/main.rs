@@ -18,6 +18,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum EnvoyCommand {
+    /// The `local_reply_config` block (for the HTTP connection manager) that answers each
+    /// route's `rejected_code` other than 429.
+    LocalReply {
+        /// Directory of limits files
+        #[arg(long, default_value = "config/limits")]
+        limits_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve Envoy's RLS v3 over gRPC.
     Serve {
@@ -44,6 +55,11 @@ enum Command {
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Print Envoy configuration that goes with the limits.
+    Envoy {
+        #[command(subcommand)]
+        what: EnvoyCommand,
     },
     /// Print the version.
     Version,
@@ -134,6 +150,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Envoy {
+            what: EnvoyCommand::LocalReply { limits_dir },
+        } => match sluice::config::load_dir(&limits_dir) {
+            Ok(limits) => {
+                match sluice::envoy_snippets::local_reply(&limits, 0) {
+                    Some(block) => print!("{block}"),
+                    None => eprintln!(
+                        "every route answers 429: Envoy needs no local_reply_config for sluice"
+                    ),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Version => {
             println!("sluice {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -470,3 +470,28 @@ fn every_yaml_example_under_config_has_a_test() {
         "KNOWN_EXAMPLES lists files that no longer exist: {gone:?}"
     );
 }
+
+/// The shipped Envoy bootstrap carries exactly the `local_reply_config` that
+/// `sluice envoy local-reply` prints for the shipped limits, so a route's `rejected_code`
+/// (the `login` route's 503) reaches clients through Envoy.
+#[test]
+fn envoy_example_carries_the_local_reply_block_for_the_example_limits() {
+    let limits = load_dir(&repo().join("config/limits")).unwrap_or_else(|e| panic!("{e}"));
+    let block = sluice::envoy_snippets::local_reply(&limits, 16).expect("login answers 503");
+    assert!(block.contains("exact: 503"), "{block}");
+    let envoy = std::fs::read_to_string(repo().join("config/envoy/envoy.yaml")).expect("read");
+    assert!(
+        envoy.contains(&block),
+        "config/envoy/envoy.yaml must carry, under the HTTP connection manager, what \
+         `sluice envoy local-reply` prints:\n{block}"
+    );
+    let out = common::run_bounded(
+        common::sluice::sluice_command().args(["envoy", "local-reply"]),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        sluice::envoy_snippets::local_reply(&limits, 0).unwrap_or_default()
+    );
+}

@@ -644,3 +644,42 @@ routes:
         .await;
     assert_eq!(code, 200, "another odd key has a counter of its own");
 }
+
+/// A route's `rejected_code` reaches the client through Envoy: sluice returns it in
+/// `dynamic_metadata` and the shipped `local_reply_config` maps Envoy's 429 to it, keeping the
+/// route's message and `x-envoy-ratelimited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_route_answers_503_with_its_message_through_envoy() {
+    let limits = r#"
+domain: edge
+routes:
+  - name: api
+    global_threshold: { query_per_minute: 100 }
+  - name: login
+    rejected_code: 503
+    rejected_msg: "login temporarily closed"
+    global_threshold: { query_per_minute: 1 }
+"#;
+    let stack = Stack::start(limits, false, |c| c).await;
+    avoid_minute_boundary().await;
+    let login = || {
+        stack
+            .envoy
+            .get("/login", &[("x-forwarded-for", "10.1.2.3")])
+    };
+    let r = login().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "upstream"), "{r:?}");
+    let r = login().await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "login temporarily closed"),
+        "{r:?}"
+    );
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"), "{r:?}");
+    // Another route over its limit keeps Envoy's 429 (no mapper matches its code).
+    for _ in 0..100 {
+        stack.envoy.get("/", &[]).await;
+    }
+    let r = stack.envoy.get("/", &[]).await;
+    assert_eq!(r.status, 429, "{r:?}");
+}

@@ -34,6 +34,8 @@ fn allowed(layer: &str) -> Option<&'static [&'static str]> {
         "limits" | "clock" | "metrics" | "proto" => Some(&[]),
         "config" => Some(&["limits", "clock", "metrics"]),
         "matcher" => Some(&["limits", "proto"]),
+        // Envoy configuration printed from the limits (`sluice envoy ...`).
+        "envoy_snippets" => Some(&["limits"]),
         "limiter" => Some(&["limits", "metrics", "clock"]),
         "service" => Some(&[
             "limits", "config", "matcher", "limiter", "metrics", "clock", "proto",

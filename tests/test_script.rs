@@ -24,8 +24,11 @@ fn bare_path(dir: &Path) -> String {
         std::os::unix::fs::symlink(&target, dir.join(tool)).expect("link a tool");
     }
     let apt = dir.join("apt-get");
-    std::fs::write(&apt, "#!/bin/sh\necho 'apt-get: no network here' >&2\nexit 100\n")
-        .expect("write the apt-get stub");
+    std::fs::write(
+        &apt,
+        "#!/bin/sh\necho 'apt-get: no network here' >&2\nexit 100\n",
+    )
+    .expect("write the apt-get stub");
     std::fs::set_permissions(&apt, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir.display().to_string()
 }

@@ -137,7 +137,7 @@ pub fn respond(
             (true, false) => "over_limit",
             (true, true) => "shadow",
         };
-        metadata(&[
+        let mut fields = metadata(&[
             (
                 "route",
                 m.route.map(|r| r.name.as_str()).or(m.path).unwrap_or(""),
@@ -145,7 +145,24 @@ pub fn respond(
             ("rule", m.rule),
             ("source", source.as_str()),
             ("decision", decision),
-        ])
+        ]);
+        // What Envoy's `local_reply_config` can map the 429 to: the deciding route's code
+        // and body (`sluice envoy local-reply` prints the mappers).
+        if let Some((code, msg)) = rejected {
+            fields.fields.insert(
+                "rejected_code".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::from(code))),
+                },
+            );
+            fields.fields.insert(
+                "rejected_msg".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(msg.to_string())),
+                },
+            );
+        }
+        fields
     });
     Answer {
         response: RateLimitResponse {
