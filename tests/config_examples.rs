@@ -237,7 +237,14 @@ fn edge_example_resolves_delegation_as_its_comments_say() {
         ),
         ("Mobile quota exceeded", "api-mobile")
     );
-    assert!(mobile.settings.show_limit_quota_header.value);
+    // Inherited from `defaults`: off, since the shipped Envoy computes the quota headers.
+    assert_eq!(
+        (
+            mobile.settings.show_limit_quota_header.value,
+            mobile.settings.show_limit_quota_header.from.as_str()
+        ),
+        (false, "defaults")
+    );
 
     // api-users sets its own rule items: api's threshold is not used.
     let users = route(edge, "api-users");

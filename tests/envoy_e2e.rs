@@ -683,3 +683,22 @@ routes:
     let r = stack.envoy.get("/", &[]).await;
     assert_eq!(r.status, 429, "{r:?}");
 }
+
+/// The shipped Envoy config and the shipped limits together send each quota header once:
+/// Envoy computes them from sluice's statuses, and the example limits leave sluice's own off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_configs_yield_each_quota_header_once() {
+    let limits = std::fs::read_to_string(repo_path("config/limits/edge.yaml")).expect("read");
+    let stack = Stack::start(&limits, false, |c| c).await;
+    avoid_minute_boundary().await;
+    let r = stack.envoy.get("/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // `header` fails on a header sent twice.
+    for name in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(r.header(name).is_some(), "{name} missing: {r:?}");
+    }
+}
