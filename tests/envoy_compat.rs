@@ -1403,3 +1403,46 @@ descriptors:
     assert!(errors[0].contains(&expected), "{stdout}");
     assert!(stdout.contains("1 error(s)"), "{stdout}");
 }
+
+/// Upstream now allows `*` anywhere in a value; a migrated `pre*fix` or `a*b*c` must limit,
+/// not silently match nothing.
+#[tokio::test]
+async fn wildcards_anywhere_in_a_value_match_and_count() {
+    let yaml = r#"
+domain: wild
+descriptors:
+  - key: path
+    value: "pre*fix"
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+  - key: path
+    value: "a*b*c"
+    share_threshold: true
+    rate_limit: { unit: minute, requests_per_unit: 2 }
+"#;
+    let mut s = Sluice::start(&[("wild.yaml", yaml)]).await;
+    let ask = |v: &'static str| desc(&[("path", v)]);
+    // `pre*fix`: each matching value has a counter of its own (no share_threshold).
+    for value in ["prefix", "pre-and-fix"] {
+        let r = s.call(request("wild", vec![ask(value)])).await;
+        assert_eq!(r.overall_code, Code::Ok as i32, "{value}: {r:?}");
+        let r = s.call(request("wild", vec![ask(value)])).await;
+        assert_eq!(r.overall_code, Code::OverLimit as i32, "{value}: {r:?}");
+    }
+    // Not matching the pattern: no limit at all.
+    let r = s.call(request("wild", vec![ask("prefixx")])).await;
+    assert!(r.statuses[0].current_limit.is_none(), "{r:?}");
+    // `a*b*c` with share_threshold: every matching value shares one counter of 2.
+    let r = s.call(request("wild", vec![ask("a-b-c")])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+    let r = s.call(request("wild", vec![ask("abc")])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+    let r = s.call(request("wild", vec![ask("axbyc")])).await;
+    assert_eq!(
+        r.overall_code,
+        Code::OverLimit as i32,
+        "shared counter: {r:?}"
+    );
+    let r = s.call(request("wild", vec![ask("a-c-b")])).await;
+    assert!(r.statuses[0].current_limit.is_none(), "{r:?}");
+    s.stop().await;
+}

@@ -40,7 +40,7 @@ pub struct Node {
     pub key: String,
     /// `None`: the node matches any value of its key.
     pub value: Option<String>,
-    /// The value ends with `*` and matches by prefix.
+    /// The value holds a `*` and matches by pattern ([`Node::matches_wildcard`]).
     pub wildcard: bool,
     /// `key=value/key2`: shown in errors, `/config`, metrics labels and `current_limit.name`.
     pub path: String,
@@ -70,10 +70,14 @@ pub struct DescriptorLimit {
 }
 
 impl Node {
-    /// The value without its trailing `*`, for a wildcard.
-    pub fn prefix(&self) -> &str {
-        let value = self.value.as_deref().unwrap_or("");
-        value.strip_suffix('*').unwrap_or(value)
+    /// Whether `value` matches this node's wildcard value: each `*` stands for any run of
+    /// characters (none included), anywhere and any number of times, as upstream matches
+    /// since it allowed `*` in the middle of a value. No allocation.
+    pub fn matches_wildcard(&self, value: &str) -> bool {
+        glob(
+            self.value.as_deref().unwrap_or("").as_bytes(),
+            value.as_bytes(),
+        )
     }
 }
 
@@ -91,7 +95,7 @@ impl Level {
         if let Some(&i) = index
             .wildcards
             .iter()
-            .find(|&&i| value.starts_with(self.nodes[i].prefix()))
+            .find(|&&i| self.nodes[i].matches_wildcard(value))
         {
             return Some((&self.nodes[i], true));
         }
@@ -170,5 +174,66 @@ impl DescriptorTree {
     /// The descriptor tree for `GET /config`.
     pub fn to_json(&self) -> Value {
         self.descriptors.to_json()
+    }
+}
+
+/// `*`-pattern matching over bytes: linear in the value for each star, with backtracking only
+/// to the last star seen (the classic greedy algorithm), so no value can make it explode.
+pub fn glob(pattern: &[u8], value: &[u8]) -> bool {
+    let (mut p, mut v) = (0, 0);
+    // Where the last `*` was in the pattern, and where in the value it started matching.
+    let mut star: Option<(usize, usize)> = None;
+    while v < value.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, v));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == value[v] {
+            p += 1;
+            v += 1;
+        } else if let Some((sp, sv)) = star {
+            // Let the last star swallow one more byte and try again from there.
+            p = sp + 1;
+            v = sv + 1;
+            star = Some((sp, sv + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn stars_match_anywhere_any_number_of_times() {
+        for (pattern, value, expected) in [
+            ("pre*", "prefix", true),
+            ("pre*", "pre", true),
+            ("pre*", "xpre", false),
+            ("pre*fix", "prefix", true),
+            ("pre*fix", "pre-and-fix", true),
+            ("pre*fix", "prefixx", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "a-b-c", true),
+            ("a*b*c", "a-c-b", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("*.png", "img/a.png", true),
+            ("*.png", "img/a.png.gif", false),
+            ("files/*/raw", "files/x/y/raw", true),
+            ("exact", "exact", true),
+            ("a**b", "ab", true),
+        ] {
+            assert_eq!(
+                glob(pattern.as_bytes(), value.as_bytes()),
+                expected,
+                "{pattern:?} against {value:?}"
+            );
+        }
+        // A hostile value against a many-star pattern still answers at once.
+        let value = "a".repeat(100_000);
+        assert!(!glob(b"*a*a*a*a*a*b", value.as_bytes()));
     }
 }

@@ -276,7 +276,7 @@ impl Cx<'_> {
                     seen.insert(composite, line);
                 }
             }
-            let wildcard = value.as_deref().is_some_and(|v| v.ends_with('*'));
+            let wildcard = value.as_deref().is_some_and(|v| v.contains('*'));
             let share_threshold = d.share_threshold.as_ref().is_some_and(|s| s.value);
             if share_threshold && !wildcard {
                 let at = d
@@ -287,7 +287,7 @@ impl Cx<'_> {
                     Some(at),
                     Some(&path),
                     "share_threshold",
-                    "applies to wildcard values only (a `value` ending with `*`, e.g. \
+                    "applies to wildcard values only (a `value` with a `*`, e.g. \
                      `value: files/*`): all values matching the wildcard then share one counter",
                 );
             }
