@@ -849,6 +849,7 @@ async fn config_shows_the_descriptor_tree_of_an_envoyproxy_domain() {
             "rate_limit": {
                 "requests_per_unit": 5,
                 "unit": "second",
+                "unit_multiplier": 1,
                 "name": "specific_limit",
                 "replaces": [],
             },

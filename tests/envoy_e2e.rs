@@ -702,3 +702,22 @@ async fn the_shipped_configs_yield_each_quota_header_once() {
         assert!(r.header(name).is_some(), "{name} missing: {r:?}");
     }
 }
+
+/// A 30 s window reaches Envoy as SECOND × 30, so its own `x-ratelimit-limit` says `w=30`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_window_shows_w30_through_envoy() {
+    let limits = r#"
+domain: edge
+routes:
+  - name: api
+    global_threshold: { requests: 3, window: 30s }
+"#;
+    let stack = Stack::start(limits, false, |c| c).await;
+    let r = stack.envoy.get("/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-ratelimit-limit"),
+        Some(r#"3, 3;w=30;name="api/global""#),
+        "{r:?}"
+    );
+}

@@ -344,6 +344,10 @@ impl Rule {
             "id": self.id,
             "limit": self.threshold.limit,
             "unit": self.threshold.unit,
+            "window": humantime::format_duration(std::time::Duration::from_millis(
+                self.threshold.period_ms()
+            ))
+            .to_string(),
             "burst": self.threshold.burst,
         })
     }

@@ -146,6 +146,7 @@ impl Node {
                 Some(t) => json!({
                     "requests_per_unit": t.limit,
                     "unit": t.unit,
+                    "unit_multiplier": t.multiplier,
                     "name": limit.name,
                     "replaces": limit.replaces,
                 }),

@@ -71,6 +71,8 @@ struct DescriptorRaw {
 struct RateLimitRaw {
     unit: Option<Spanned<String>>,
     requests_per_unit: Option<Spanned<u64>>,
+    /// The window is `unit_multiplier` units long (as in Envoy's own protos).
+    unit_multiplier: Option<Spanned<u32>>,
     unlimited: Option<Spanned<bool>>,
     name: Option<Spanned<String>>,
     replaces: Option<Vec<Spanned<ReplacesRaw>>>,
@@ -404,8 +406,25 @@ impl Cx<'_> {
                 }
                 Some(r) => Some(r.value),
             };
-            match (requests, unit) {
-                (Some(limit), Some(unit)) => Some(Threshold::new(limit, unit)),
+            let multiplier = match &raw.unit_multiplier {
+                Some(m) if m.value == 0 => {
+                    self.error(
+                        Some(m.referenced.line()),
+                        Some(path),
+                        "rate_limit.unit_multiplier",
+                        "is 0: a window is at least one unit long; write 1 or more (or leave \
+                         it out for 1)",
+                    );
+                    None
+                }
+                Some(m) => Some(m.value),
+                None => Some(1),
+            };
+            match (requests, unit, multiplier) {
+                (Some(limit), Some(unit), Some(multiplier)) => Some(Threshold {
+                    multiplier,
+                    ..Threshold::new(limit, unit)
+                }),
                 _ => None,
             }
         };

@@ -65,32 +65,55 @@ impl FileContext<'_> {
     }
 
     fn threshold(&mut self, raw: &ThresholdRaw, at: At<'_>, field: &str) -> Option<Threshold> {
-        let set: Vec<(&str, u64, Unit)> = [
+        let mut set: Vec<(&str, u64, Unit, u32)> = [
             ("query_per_second", raw.query_per_second, Unit::Second),
             ("query_per_minute", raw.query_per_minute, Unit::Minute),
             ("query_per_hour", raw.query_per_hour, Unit::Hour),
             ("query_per_day", raw.query_per_day, Unit::Day),
         ]
         .into_iter()
-        .filter_map(|(name, v, unit)| v.map(|v| (name, v, unit)))
+        .filter_map(|(name, v, unit)| v.map(|v| (name, v, unit, 1)))
         .collect();
-        let (limit, unit) = match set.as_slice() {
+        match (raw.requests, raw.window.as_deref()) {
+            (None, None) => {}
+            (Some(requests), Some(window)) => {
+                let (unit, multiplier) = self.window(window, at, field)?;
+                set.push(("requests", requests, unit, multiplier));
+            }
+            (Some(_), None) => {
+                self.error(
+                    at,
+                    format!("{field}.requests"),
+                    "needs a window: write e.g. `requests: 100` with `window: 30s`",
+                );
+                return None;
+            }
+            (None, Some(_)) => {
+                self.error(
+                    at,
+                    format!("{field}.window"),
+                    "needs a number of requests: write e.g. `requests: 100` with `window: 30s`",
+                );
+                return None;
+            }
+        }
+        let (limit, unit, multiplier) = match set.as_slice() {
             [] => {
                 self.error(
                     at,
                     field,
                     "no rate: set one of query_per_second, query_per_minute, query_per_hour, \
-                     query_per_day",
+                     query_per_day, or requests with window",
                 );
                 return None;
             }
-            [(_, limit, unit)] => (*limit, *unit),
+            [(_, limit, unit, multiplier)] => (*limit, *unit, *multiplier),
             [first, second, ..] => {
                 self.error(
                     at,
                     field,
                     format!(
-                        "sets both {} and {}: a threshold names exactly one query_per_* field; \
+                        "sets both {} and {}: a threshold names exactly one rate; \
                          keep one (use two rule items for two rates)",
                         first.0, second.0
                     ),
@@ -120,9 +143,47 @@ impl FileContext<'_> {
         Some(Threshold {
             limit,
             unit,
-            multiplier: 1,
+            multiplier,
             burst: raw.burst,
         })
+    }
+
+    /// A `window:` as Envoy can report it: the largest of second, minute, hour and day that
+    /// divides it, times a multiplier (`30s` is SECOND × 30, `90m` MINUTE × 90, `2h` HOUR × 2),
+    /// so Envoy's `x-ratelimit-limit` shows `w=<seconds>`.
+    fn window(&mut self, text: &str, at: At<'_>, field: &str) -> Option<(Unit, u32)> {
+        let field = format!("{field}.window");
+        let Ok(window) = humantime::parse_duration(text) else {
+            self.error(
+                at,
+                field,
+                format!("\"{text}\" is not a duration: write it like `30s`, `5m` or `36h`"),
+            );
+            return None;
+        };
+        if window.subsec_nanos() != 0 {
+            self.error(
+                at,
+                field,
+                format!("{text} is not a whole number of seconds: windows are counted in seconds"),
+            );
+            return None;
+        }
+        let secs = window.as_secs();
+        if !(1..=366 * 86_400).contains(&secs) {
+            self.error(
+                at,
+                field,
+                format!("{text} is out of range: a window is 1s to 366d"),
+            );
+            return None;
+        }
+        let unit = [Unit::Day, Unit::Hour, Unit::Minute, Unit::Second]
+            .into_iter()
+            .find(|u| secs % u.seconds() == 0)
+            .unwrap_or(Unit::Second);
+        let multiplier = u32::try_from(secs / unit.seconds()).unwrap_or(u32::MAX);
+        Some((unit, multiplier))
     }
 
     fn rule_item(&mut self, raw: &RuleItemRaw, at: At<'_>, field: &str) -> Option<RuleItem> {

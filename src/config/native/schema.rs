@@ -75,6 +75,9 @@ pub struct ThresholdRaw {
     pub query_per_minute: Option<u64>,
     pub query_per_hour: Option<u64>,
     pub query_per_day: Option<u64>,
+    /// With `window`: `requests` per window of any whole number of seconds (`30s`, `5m`).
+    pub requests: Option<u64>,
+    pub window: Option<String>,
     pub burst: Option<u64>,
 }
 
@@ -104,6 +107,9 @@ pub struct LimitKeyRaw {
     pub query_per_minute: Option<u64>,
     pub query_per_hour: Option<u64>,
     pub query_per_day: Option<u64>,
+    /// With `window`: `requests` per window of any whole number of seconds (`30s`, `5m`).
+    pub requests: Option<u64>,
+    pub window: Option<String>,
     pub burst: Option<u64>,
 }
 
@@ -114,6 +120,8 @@ impl LimitKeyRaw {
             query_per_minute: self.query_per_minute,
             query_per_hour: self.query_per_hour,
             query_per_day: self.query_per_day,
+            requests: self.requests,
+            window: self.window.clone(),
             burst: self.burst,
         }
     }
