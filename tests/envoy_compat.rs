@@ -843,6 +843,7 @@ async fn config_shows_the_descriptor_tree_of_an_envoyproxy_domain() {
             "value": "bkthomps",
             "path": "key_1=value_1/user=bkthomps",
             "shadow_mode": false,
+            "quota_mode": false,
             "share_threshold": false,
             "detailed_metric": false,
             "value_to_metric": false,

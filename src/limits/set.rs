@@ -114,6 +114,9 @@ pub struct RouteSettings {
     pub rejected_code: Setting<u16>,
     pub rejected_msg: Setting<String>,
     pub shadow_mode: Setting<bool>,
+    /// envoyproxy/ratelimit's quota mode: the request is over only if every quota-mode
+    /// descriptor is over (or any other descriptor is).
+    pub quota_mode: Setting<bool>,
     #[serde(serialize_with = "serialize_duration_setting")]
     pub timeout: Setting<Duration>,
     pub fallback: Setting<FallbackMode>,

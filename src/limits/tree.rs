@@ -46,6 +46,8 @@ pub struct Node {
     pub path: String,
     pub limit: Option<DescriptorLimit>,
     pub shadow_mode: bool,
+    /// Quota mode (as envoyproxy/ratelimit's `quota_mode`): see the route setting.
+    pub quota_mode: bool,
     pub share_threshold: bool,
     /// Accepted for compatibility; sluice's metrics never carry request values.
     pub detailed_metric: bool,
@@ -137,6 +139,7 @@ impl Node {
             "value": self.value,
             "path": self.path,
             "shadow_mode": self.shadow_mode,
+            "quota_mode": self.quota_mode,
             "share_threshold": self.share_threshold,
             "detailed_metric": self.detailed_metric,
             "value_to_metric": self.value_to_metric,

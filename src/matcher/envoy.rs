@@ -86,6 +86,7 @@ fn compat_match<'a>(
         threshold,
         counter,
         shadow: node.shadow_mode,
+        quota_mode: node.quota_mode,
         limit_name: limit.name.as_deref(),
         replaces: &limit.replaces,
         unlimited: limit.threshold.is_none(),

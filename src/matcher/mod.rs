@@ -39,6 +39,8 @@ pub struct Matched<'a> {
     /// Counted and reported, but answered OK: the route's `shadow_mode`, or the
     /// envoyproxy/ratelimit descriptor's.
     pub shadow: bool,
+    /// Quota mode: over only counts when every quota-mode descriptor of the request is over.
+    pub quota_mode: bool,
     /// envoyproxy/ratelimit `rate_limit.name`: another limit of the same request whose
     /// `replaces` names it takes its place.
     pub limit_name: Option<&'a str>,
@@ -69,6 +71,7 @@ impl<'a> Matched<'a> {
             threshold,
             counter,
             shadow: route.is_some_and(|r| r.settings.shadow_mode.value),
+            quota_mode: route.is_some_and(|r| r.settings.quota_mode.value),
             limit_name: None,
             replaces: &[],
             unlimited: false,

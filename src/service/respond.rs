@@ -54,6 +54,11 @@ pub fn respond(
     // Descriptors whose routes show quota headers, by style.
     let mut quotas: Vec<(HeaderStyle, String, Threshold, Outcome)> = Vec::new();
     let mut overall = Code::Ok;
+    // Quota mode (envoyproxy/ratelimit's): a quota-mode descriptor over its limit rejects the
+    // request only when every quota-mode descriptor of it is over.
+    let mut quota_total = 0usize;
+    let mut quota_over: Option<(&Matched<'_>, Outcome, bool, Source)> = None;
+    let mut quota_over_count = 0usize;
 
     for slot in slots {
         let Some(m) = &slot.matched else {
@@ -97,17 +102,16 @@ pub fn respond(
                 "over limit"
             );
         }
-        if over && overall == Code::Ok {
+        if m.quota_mode && !shadow {
+            quota_total += 1;
+            if over {
+                quota_over_count += 1;
+                quota_over.get_or_insert((m, outcome, shadow, source));
+            }
+        }
+        if over && !m.quota_mode && overall == Code::Ok {
             overall = Code::OverLimit;
-            rejected = Some(
-                m.route
-                    .map_or((DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG), |r| {
-                        (
-                            r.settings.rejected_code.value,
-                            r.settings.rejected_msg.value.as_str(),
-                        )
-                    }),
-            );
+            rejected = Some(rejection(m));
             deciding = Some((m, outcome, shadow, source));
         } else if deciding.is_none() {
             deciding = Some((m, outcome, shadow, source));
@@ -125,6 +129,16 @@ pub fn respond(
             limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
             duration_until_reset: Some(duration(outcome.reset_ms)),
         });
+    }
+
+    if overall == Code::Ok
+        && quota_total > 0
+        && quota_over_count == quota_total
+        && let Some(first) = quota_over
+    {
+        overall = Code::OverLimit;
+        rejected = Some(rejection(first.0));
+        deciding = Some(first);
     }
 
     let response_headers_to_add = quota_headers(&quotas);
@@ -175,6 +189,18 @@ pub fn respond(
         },
         rejected_code: rejected.map(|(code, _)| code),
     }
+}
+
+/// The code and message of the route that rejected (built-in ones for a request-side override
+/// on no configured route).
+fn rejection<'a>(m: &Matched<'a>) -> (u16, &'a str) {
+    m.route
+        .map_or((DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG), |r| {
+            (
+                r.settings.rejected_code.value,
+                r.settings.rejected_msg.value.as_str(),
+            )
+        })
 }
 
 /// The `route` label of a match: the route's name, the envoyproxy/ratelimit descriptor path,

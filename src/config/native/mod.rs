@@ -466,6 +466,7 @@ impl<'a> FileContext<'a> {
                 base.map(|b| &b.shadow_mode),
                 false,
             ),
+            quota_mode: pick(own.quota_mode, own_name, base.map(|b| &b.quota_mode), false),
             timeout: pick(timeout, own_name, base.map(|b| &b.timeout), DEFAULT_TIMEOUT),
             fallback: pick(
                 own.fallback,

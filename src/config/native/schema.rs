@@ -31,6 +31,7 @@ pub struct SettingsRaw {
     pub rejected_code: Option<u16>,
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
+    pub quota_mode: Option<bool>,
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
 }
@@ -49,6 +50,7 @@ pub struct RouteRaw {
     pub rejected_code: Option<u16>,
     pub rejected_msg: Option<String>,
     pub shadow_mode: Option<bool>,
+    pub quota_mode: Option<bool>,
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
 }
@@ -62,6 +64,7 @@ impl RouteRaw {
             rejected_code: self.rejected_code,
             rejected_msg: self.rejected_msg.clone(),
             shadow_mode: self.shadow_mode,
+            quota_mode: self.quota_mode,
             timeout: self.timeout.clone(),
             fallback: self.fallback,
         }
