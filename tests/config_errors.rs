@@ -122,14 +122,17 @@ routes:
 // Thresholds and rule items.
 
 #[test]
-fn global_threshold_with_two_rates_is_rejected() {
+fn global_threshold_with_two_rates_of_one_period_is_rejected() {
+    // Two rates of different periods are two limits on the key (burst and sustained); two of
+    // the same period would count one window twice.
     let text = "\
 domain: edge
 routes:
   - name: two
     global_threshold:
+      requests: 30
+      window: 1s
       query_per_second: 1
-      query_per_minute: 30
 ";
     let (file, errors) = errors_of(text);
     let err = single(&errors);
@@ -143,13 +146,15 @@ routes:
         ),
     );
     assert!(
-        err.message.contains("query_per_second") && err.message.contains("query_per_minute"),
+        err.message.contains("query_per_second")
+            && err.message.contains("requests")
+            && err.message.contains("same period"),
         "{err}"
     );
 }
 
 #[test]
-fn limit_key_with_two_rates_is_rejected() {
+fn limit_key_with_two_rates_of_one_period_is_rejected() {
     let text = "\
 domain: edge
 routes:
@@ -158,7 +163,7 @@ routes:
       - limit_by_header: x-plan
         limit_keys:
           - { key: silver, query_per_second: 1 }
-          - { key: gold, query_per_second: 1, query_per_hour: 100 }
+          - { key: gold, query_per_hour: 100, requests: 5, window: 60m }
 ";
     let (file, errors) = errors_of(text);
     let err = single(&errors);
@@ -172,7 +177,7 @@ routes:
         ),
     );
     assert!(
-        err.message.contains("query_per_second") && err.message.contains("query_per_hour"),
+        err.message.contains("query_per_hour") && err.message.contains("requests"),
         "{err}"
     );
 }
@@ -857,7 +862,7 @@ routes:
       - limit_by_header: x
         limit_keys: [{ key: a, query_per_second: 1 }]
   - name: rates
-    global_threshold: { query_per_second: 1, query_per_minute: 3 }
+    global_threshold: { query_per_minute: 1, requests: 3, window: 60s }
   - name: items
     rule_items:
       - { limit_by_header: x, limit_by_per_ip: from-remote-addr, limit_keys: [{ key: a, query_per_second: 1 }] }

@@ -148,9 +148,9 @@ fn windows_that_cannot_be_counted_are_explained() {
         ("{ requests: 3 }", "requests", "needs a window"),
         ("{ window: 30s }", "window", "needs a number of requests"),
         (
-            "{ requests: 3, window: 30s, query_per_minute: 5 }",
+            "{ requests: 3, window: 60s, query_per_minute: 5 }",
             "global_threshold",
-            "sets both",
+            "same period",
         ),
     ] {
         let yaml = format!("domain: w\nroutes:\n  - name: r\n    global_threshold: {threshold}\n");

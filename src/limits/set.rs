@@ -173,6 +173,9 @@ pub struct Rule {
     /// Shown to people: `current_limit.name` is `route/name`.
     pub name: String,
     pub threshold: Threshold,
+    /// Further limits on the same key (burst and sustained: `query_per_second` and
+    /// `query_per_hour` together), each counted apart; a hit passes only if all admit it.
+    pub more: Vec<Threshold>,
     /// Position among its route's rules (0 for a global threshold, then rule items' keys
     /// in order): where the route keeps this rule's status name and metric handles.
     pub index: usize,
@@ -345,6 +348,14 @@ impl Rule {
         serde_json::json!({
             "name": self.name,
             "id": self.id,
+            "also": self.more.iter().map(|t| serde_json::json!({
+                "limit": t.limit,
+                "unit": t.unit,
+                "window": humantime::format_duration(std::time::Duration::from_millis(
+                    t.period_ms()
+                ))
+                .to_string(),
+            })).collect::<Vec<_>>(),
             "limit": self.threshold.limit,
             "unit": self.threshold.unit,
             "window": humantime::format_duration(std::time::Duration::from_millis(

@@ -84,6 +84,7 @@ fn compat_match<'a>(
         path: Some(&node.path),
         rule: &limit.display,
         threshold,
+        more: &[],
         counter,
         shadow: node.shadow_mode,
         quota_mode: node.quota_mode,

@@ -33,6 +33,8 @@ pub struct Matched<'a> {
     /// route).
     pub rule: &'a str,
     pub threshold: Threshold,
+    /// Further limits on the same key, each with a counter of its own (the rule's `more`).
+    pub more: &'a [Threshold],
     /// Counter id: domain, route, rule identity and (per-value rules) the value, each made
     /// safe by [`push_component`] and joined by `:`. Empty for an unlimited match.
     pub counter: String,
@@ -69,6 +71,7 @@ impl<'a> Matched<'a> {
             path: None,
             rule,
             threshold,
+            more: &[],
             counter,
             shadow: route.is_some_and(|r| r.settings.shadow_mode.value),
             quota_mode: route.is_some_and(|r| r.settings.quota_mode.value),
@@ -119,6 +122,8 @@ pub fn match_descriptor<'a>(
                 burst: matched.threshold.burst,
                 ..threshold
             };
+            // The override is the limit now, alone.
+            matched.more = &[];
             Some(matched)
         }
         (Some(matched), None) => Some(matched),

@@ -32,14 +32,17 @@ pub(super) fn match_route<'a>(
         counter
     };
     match route.limits.as_ref() {
-        RouteLimits::Global(rule) => Some(Matched::native(
-            Some(route),
-            &rule.name,
-            rule.threshold,
-            counter_for(&rule.id, None),
-            handles(route, rule),
-            route.status_names.get(rule.index).map(String::as_str),
-        )),
+        RouteLimits::Global(rule) => Some(Matched {
+            more: &rule.more,
+            ..Matched::native(
+                Some(route),
+                &rule.name,
+                rule.threshold,
+                counter_for(&rule.id, None),
+                handles(route, rule),
+                route.status_names.get(rule.index).map(String::as_str),
+            )
+        }),
         RouteLimits::Items(items) => items.iter().find_map(|item| {
             let (key, value, ip) = match_item(item, entries)?;
             let rule = &key.rule;
@@ -54,14 +57,17 @@ pub(super) fn match_route<'a>(
                 }
                 (true, None) => Some(value),
             };
-            Some(Matched::native(
-                Some(route),
-                &rule.name,
-                rule.threshold,
-                counter_for(&rule.id, per_value),
-                handles(route, rule),
-                route.status_names.get(rule.index).map(String::as_str),
-            ))
+            Some(Matched {
+                more: &rule.more,
+                ..Matched::native(
+                    Some(route),
+                    &rule.name,
+                    rule.threshold,
+                    counter_for(&rule.id, per_value),
+                    handles(route, rule),
+                    route.status_names.get(rule.index).map(String::as_str),
+                )
+            })
         }),
     }
 }

@@ -17,9 +17,9 @@ use crate::proto::rls::RateLimitRequest;
 pub struct Slot<'a> {
     /// Its limit; `None` when it has none (or another limit `replaces` it).
     pub matched: Option<Matched<'a>>,
-    /// The index of its counter update in [`Plan::ops`]; `None` when nothing is counted (no
-    /// limit, or `unlimited`).
-    pub op: Option<usize>,
+    /// Where its counter updates are in [`Plan::ops`]: the first index and how many (one per
+    /// limit on its key); `None` when nothing is counted (no limit, or `unlimited`).
+    pub op: Option<(usize, usize)>,
 }
 
 pub struct Plan<'a> {
@@ -48,27 +48,45 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
         let mut op = None;
         if let Some(m) = matched.as_mut().filter(|m| !m.unlimited) {
             let settings = m.route.map(|r| &r.settings);
-            op = Some(ops.len());
+            let hits = hits(descriptor, request_hits);
+            let mode = if descriptor.is_negative_hits {
+                HitMode::Give
+            } else {
+                HitMode::Take
+            };
+            let policy = settings
+                .map(|s| OpPolicy {
+                    timeout: s.timeout.value,
+                    fallback: s.fallback.value,
+                })
+                .unwrap_or_default();
+            let algorithm = settings.map(|s| s.algorithm.value).unwrap_or_default();
+            let first = ops.len();
+            // Each further limit on the key counts apart, on a counter of its own period.
+            for threshold in m.more {
+                ops.push(CounterOp {
+                    counter: format!("{}:p{}", m.counter, threshold.period_ms() / 1000),
+                    algorithm,
+                    threshold: *threshold,
+                    hits,
+                    mode,
+                    policy,
+                    outcome: Outcome::default(),
+                    source: Source::Pending,
+                });
+            }
             ops.push(CounterOp {
                 // The response needs only the rule and route, so the id moves, not copies.
                 counter: std::mem::take(&mut m.counter),
-                algorithm: settings.map(|s| s.algorithm.value).unwrap_or_default(),
+                algorithm,
                 threshold: m.threshold,
-                hits: hits(descriptor, request_hits),
-                mode: if descriptor.is_negative_hits {
-                    HitMode::Give
-                } else {
-                    HitMode::Take
-                },
-                policy: settings
-                    .map(|s| OpPolicy {
-                        timeout: s.timeout.value,
-                        fallback: s.fallback.value,
-                    })
-                    .unwrap_or_default(),
+                hits,
+                mode,
+                policy,
                 outcome: Outcome::default(),
                 source: Source::Pending,
             });
+            op = Some((first, ops.len() - first));
         }
         slots.push(Slot { matched, op });
     }

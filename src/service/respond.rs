@@ -77,17 +77,28 @@ pub fn respond(
             });
             continue;
         }
-        let (outcome, source) = slot
+        // Several limits on one key: over if any is over; the status shows the one that
+        // rejected, else the one with the least left.
+        let (outcome, source, threshold) = slot
             .op
-            .and_then(|i| ops.get(i))
-            .map(|op| (op.outcome, op.source))
-            .unwrap_or_default();
+            .and_then(|(first, count)| ops.get(first..first + count))
+            .and_then(|limits| {
+                limits.iter().min_by_key(|op| {
+                    (
+                        !op.outcome.over,
+                        op.outcome.remaining,
+                        std::cmp::Reverse(op.outcome.reset_ms),
+                    )
+                })
+            })
+            .map(|op| (op.outcome, op.source, op.threshold))
+            .unwrap_or((Outcome::default(), Source::Pending, m.threshold));
         let shadow = m.shadow || global_shadow;
         let over = outcome.over && !shadow;
         let decision = match (outcome.over, shadow) {
             (true, true) => Decision::Shadow,
             (true, false) => Decision::OverLimit,
-            (false, _) if outcome.remaining.saturating_mul(5) <= m.threshold.limit => {
+            (false, _) if outcome.remaining.saturating_mul(5) <= threshold.limit => {
                 Decision::NearLimit
             }
             (false, _) => Decision::Ok,
@@ -116,12 +127,12 @@ pub fn respond(
         } else if deciding.is_none() {
             deciding = Some((m, outcome, shadow, source));
         }
-        let limit = current_limit(m);
+        let limit = current_limit(m, &threshold);
         let style = m
             .route
             .map_or(HeaderStyle::None, |r| r.settings.header_style());
         if style != HeaderStyle::None {
-            quotas.push((style, limit.name.clone(), m.threshold, outcome));
+            quotas.push((style, limit.name.clone(), threshold, outcome));
         }
         statuses.push(DescriptorStatus {
             code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -212,8 +223,7 @@ fn route_label<'a>(m: &Matched<'a>) -> &'a str {
         .unwrap_or(m::NO_ROUTE)
 }
 
-fn current_limit(m: &Matched<'_>) -> RateLimit {
-    let t = &m.threshold;
+fn current_limit(m: &Matched<'_>, t: &Threshold) -> RateLimit {
     let unit = match t.unit {
         Unit::Second => ProtoUnit::Second,
         Unit::Minute => ProtoUnit::Minute,

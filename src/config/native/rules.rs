@@ -24,11 +24,12 @@ impl FileContext<'_> {
                 None
             }
             (Some(threshold), None) => {
-                let threshold = self.threshold(threshold, at, "global_threshold")?;
+                let (threshold, more) = self.threshold(threshold, at, "global_threshold")?;
                 Some(RouteLimits::Global(Rule {
                     id: rule_id(&["global"], threshold.period_ms()),
                     name: "global".to_string(),
                     threshold,
+                    more,
                     index: 0,
                 }))
             }
@@ -64,7 +65,12 @@ impl FileContext<'_> {
         }
     }
 
-    fn threshold(&mut self, raw: &ThresholdRaw, at: At<'_>, field: &str) -> Option<Threshold> {
+    fn threshold(
+        &mut self,
+        raw: &ThresholdRaw,
+        at: At<'_>,
+        field: &str,
+    ) -> Option<(Threshold, Vec<Threshold>)> {
         let mut set: Vec<(&str, u64, Unit, u32)> = [
             ("query_per_second", raw.query_per_second, Unit::Second),
             ("query_per_minute", raw.query_per_minute, Unit::Minute),
@@ -97,40 +103,62 @@ impl FileContext<'_> {
                 return None;
             }
         }
-        let (limit, unit, multiplier) = match set.as_slice() {
-            [] => {
-                self.error(
-                    at,
-                    field,
-                    "no rate: set one of query_per_second, query_per_minute, query_per_hour, \
-                     query_per_day, or requests with window",
-                );
-                return None;
+        if set.is_empty() {
+            self.error(
+                at,
+                field,
+                "no rate: set one of query_per_second, query_per_minute, query_per_hour, \
+                 query_per_day, or requests with window",
+            );
+            return None;
+        }
+        // Several rates on one key are several limits, each counted apart (burst and
+        // sustained); two of one period would be the same window counted twice.
+        for (i, a) in set.iter().enumerate() {
+            for b in &set[i + 1..] {
+                if a.2.seconds() * u64::from(a.3) == b.2.seconds() * u64::from(b.3) {
+                    self.error(
+                        at,
+                        field,
+                        format!(
+                            "sets {} and {} for the same period: two limits on one key need \
+                             two different windows (e.g. query_per_second and query_per_hour); \
+                             keep one",
+                            a.0, b.0
+                        ),
+                    );
+                    return None;
+                }
             }
-            [(_, limit, unit, multiplier)] => (*limit, *unit, *multiplier),
-            [first, second, ..] => {
+        }
+        if set.len() > 1 && raw.burst.is_some() {
+            self.error(
+                at,
+                format!("{field}.burst"),
+                "applies to a threshold with one rate; with several rates each is its own \
+                 limit (the shorter one is the burst): remove burst",
+            );
+            return None;
+        }
+        let mut thresholds = Vec::with_capacity(set.len());
+        for (name, limit, unit, multiplier) in set {
+            if limit > u64::from(u32::MAX) {
                 self.error(
                     at,
-                    field,
+                    format!("{field}.{name}"),
                     format!(
-                        "sets both {} and {}: a threshold names exactly one rate; \
-                         keep one (use two rule items for two rates)",
-                        first.0, second.0
+                        "{limit} is larger than Envoy can carry (at most {})",
+                        u32::MAX
                     ),
                 );
                 return None;
             }
-        };
-        if limit > u64::from(u32::MAX) {
-            self.error(
-                at,
-                field,
-                format!(
-                    "{limit} is larger than Envoy can carry (at most {})",
-                    u32::MAX
-                ),
-            );
-            return None;
+            thresholds.push(Threshold {
+                limit,
+                unit,
+                multiplier,
+                burst: raw.burst,
+            });
         }
         if raw.burst == Some(0) {
             self.error(
@@ -140,12 +168,8 @@ impl FileContext<'_> {
             );
             return None;
         }
-        Some(Threshold {
-            limit,
-            unit,
-            multiplier,
-            burst: raw.burst,
-        })
+        let first = thresholds.remove(0);
+        Some((first, thresholds))
     }
 
     /// A `window:` as Envoy can report it: the largest of second, minute, hour and day that
@@ -389,7 +413,7 @@ impl FileContext<'_> {
                 KeyMatcher::Exact(key.to_string())
             }
         };
-        let threshold = self.threshold(&raw.threshold(), at, field)?;
+        let (threshold, more) = self.threshold(&raw.threshold(), at, field)?;
         let period = threshold.period_ms();
         // Identity: the key's own name, else its item's name and the key, else its content.
         let (id, name) = match (raw.name.as_deref().filter(|n| !n.is_empty()), item_name) {
@@ -416,6 +440,7 @@ impl FileContext<'_> {
                 id,
                 name,
                 threshold,
+                more,
                 index: 0,
             },
         })
