@@ -70,7 +70,7 @@ async fn a_broken_file_keeps_the_old_limits_and_a_fix_is_served() {
 
     let broken = EDGE.replace(
         "query_per_minute: 3 }",
-        "query_per_minute: 3, query_per_hour: 9 }",
+        "query_per_minute: 3, requests: 9, window: 60s }",
     );
     std::fs::write(sluice.dir.path().join("edge.yaml"), &broken).unwrap();
     // Reload explicitly (what SIGHUP does) to read the outcome; file events may race it, and
@@ -204,7 +204,7 @@ fn the_binary_logs_a_failed_reload_with_file_and_line_and_survives_sighup() {
         dir.path().join("edge.yaml"),
         EDGE.replace(
             "query_per_minute: 3 }",
-            "query_per_minute: 3, query_per_hour: 9 }",
+            "query_per_minute: 3, requests: 9, window: 60s }",
         ),
     )
     .unwrap();

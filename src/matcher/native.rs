@@ -31,18 +31,20 @@ pub(super) fn match_route<'a>(
         }
         counter
     };
+    // The match of `rule` on this route, counting `value` apart for per-value kinds.
+    let matched = |rule: &'a Rule, value: Option<&str>| Matched {
+        more: &rule.more,
+        ..Matched::native(
+            Some(route),
+            &rule.name,
+            rule.threshold,
+            counter_for(&rule.id, value),
+            handles(route, rule),
+            route.status_names.get(rule.index).map(String::as_str),
+        )
+    };
     match route.limits.as_ref() {
-        RouteLimits::Global(rule) => Some(Matched {
-            more: &rule.more,
-            ..Matched::native(
-                Some(route),
-                &rule.name,
-                rule.threshold,
-                counter_for(&rule.id, None),
-                handles(route, rule),
-                route.status_names.get(rule.index).map(String::as_str),
-            )
-        }),
+        RouteLimits::Global(rule) => Some(matched(rule, None)),
         RouteLimits::Items(items) => items.iter().find_map(|item| {
             let (key, value, ip) = match_item(item, entries)?;
             let rule = &key.rule;
@@ -57,17 +59,7 @@ pub(super) fn match_route<'a>(
                 }
                 (true, None) => Some(value),
             };
-            Some(Matched {
-                more: &rule.more,
-                ..Matched::native(
-                    Some(route),
-                    &rule.name,
-                    rule.threshold,
-                    counter_for(&rule.id, per_value),
-                    handles(route, rule),
-                    route.status_names.get(rule.index).map(String::as_str),
-                )
-            })
+            Some(matched(rule, per_value))
         }),
     }
 }
