@@ -22,6 +22,14 @@ routes:
     global_threshold: { query_per_minute: 3 }
   - name: strict
     global_threshold: { query_per_minute: 1 }
+  # Quota mode on one rule item only: the route itself is not in quota mode.
+  - name: plans
+    rule_items:
+      - limit_by_per_header: x-plan
+        quota_mode: true
+        limit_keys: [{ key: "*", query_per_minute: 1 }]
+      - limit_by_per_header: x-user
+        limit_keys: [{ key: "*", query_per_minute: 1 }]
 "#;
 
 const DESCRIPTORS: &str = r#"
@@ -83,6 +91,34 @@ async fn quota_mode_answers(s: &mut Sluice) {
         .call(request("q", vec![desc(&[("route", "small")])]))
         .await;
     assert_eq!(codes(&r), (OVER, vec![OVER]), "{r:?}");
+
+    // Quota mode set on a rule item: that item's descriptor over alone is over (every
+    // quota-mode descriptor is); with a within-limit descriptor of the other item, which is
+    // not in quota mode, the request passes.
+    let plan = |v: &str| desc(&[("route", "plans"), ("x-plan", v)]);
+    let user = |v: &str| desc(&[("route", "plans"), ("x-user", v)]);
+    let r = s.call(request("q", vec![plan("p1"), user("u1")])).await;
+    assert_eq!(codes(&r), (OK, vec![OK, OK]), "{r:?}");
+    let r = s.call(request("q", vec![plan("p1"), user("u2")])).await;
+    assert_eq!(
+        codes(&r),
+        (OVER, vec![OVER, OK]),
+        "the only quota-mode one is over: {r:?}"
+    );
+    let r = s
+        .call(request("q", vec![plan("p1"), plan("p2"), user("u3")]))
+        .await;
+    assert_eq!(
+        codes(&r),
+        (OK, vec![OVER, OK, OK]),
+        "p2 is within, so not every quota-mode descriptor is over: {r:?}"
+    );
+    let r = s.call(request("q", vec![user("u1")])).await;
+    assert_eq!(
+        codes(&r),
+        (OVER, vec![OVER]),
+        "x-user is not in quota mode: {r:?}"
+    );
 
     // The same in the envoyproxy/ratelimit format.
     let both = || request("qd", vec![desc(&[("small", "a")]), desc(&[("large", "b")])]);

@@ -187,6 +187,8 @@ pub struct RuleItem {
     /// The descriptor entry that carries the attribute.
     pub entry: String,
     pub keys: Vec<KeyRule>,
+    /// The item's own `quota_mode`; `None` follows the route's.
+    pub quota_mode: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -332,6 +334,7 @@ impl RouteLimits {
                 "rule_items": items.iter().map(|item| json!({
                     "limit_by": item.kind.field(),
                     "entry": item.entry,
+                    "quota_mode": item.quota_mode,
                     "limit_keys": item.keys.iter().map(|k| {
                         let mut v = k.rule.to_json();
                         v["key"] = json!(k.matcher.to_string());

@@ -59,7 +59,11 @@ pub(super) fn match_route<'a>(
                 }
                 (true, None) => Some(value),
             };
-            Some(matched(rule, per_value))
+            let mut found = matched(rule, per_value);
+            if let Some(quota_mode) = item.quota_mode {
+                found.quota_mode = quota_mode;
+            }
+            Some(found)
         }),
     }
 }

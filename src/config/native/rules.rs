@@ -329,7 +329,12 @@ impl FileContext<'_> {
                 keys.push(rule);
             }
         }
-        (self.errors.len() == before).then(|| RuleItem { kind, entry, keys })
+        (self.errors.len() == before).then(|| RuleItem {
+            kind,
+            entry,
+            keys,
+            quota_mode: raw.quota_mode,
+        })
     }
 
     fn key_rule(

@@ -99,6 +99,8 @@ pub struct RuleItemRaw {
     pub limit_by_per_ip: Option<String>,
     /// Overrides the descriptor entry the item reads.
     pub descriptor_key: Option<String>,
+    /// Quota mode for this item's limits, over the route's `quota_mode`.
+    pub quota_mode: Option<bool>,
     pub limit_keys: Option<Vec<Spanned<LimitKeyRaw>>>,
 }
 
