@@ -114,8 +114,8 @@ pub struct Metrics {
     /// Handles of the request path kept once registered, so a request only increments and
     /// records (registering builds label strings and searches the registry).
     request_duration: OnceLock<metrics::Histogram>,
-    /// By store: `memory`, `redis`.
-    store_duration: [OnceLock<metrics::Histogram>; 2],
+    /// The store histogram of the server's one store, with its label.
+    store_duration: OnceLock<(&'static str, metrics::Histogram)>,
     /// Requests of domains that are not configured, by result.
     unknown_requests: [OnceLock<metrics::Counter>; 5],
 }
@@ -139,7 +139,7 @@ impl Metrics {
             handle,
             process,
             request_duration: OnceLock::new(),
-            store_duration: Default::default(),
+            store_duration: OnceLock::new(),
             unknown_requests: Default::default(),
         };
         metrics.describe();
@@ -307,18 +307,15 @@ impl Metrics {
     }
 
     pub fn store_call(&self, store: &'static str, seconds: f64, error: Option<&'static str>) {
-        let cached = match store {
-            "memory" => Some(&self.store_duration[0]),
-            "redis" => Some(&self.store_duration[1]),
-            _ => None,
-        };
-        match cached {
-            Some(slot) => slot
-                .get_or_init(|| self.histogram(STORE_DURATION, &[("store", store)]))
-                .record(seconds),
-            None => self
-                .histogram(STORE_DURATION, &[("store", store)])
-                .record(seconds),
+        let (label, histogram) = self
+            .store_duration
+            .get_or_init(|| (store, self.histogram(STORE_DURATION, &[("store", store)])));
+        if *label == store {
+            histogram.record(seconds);
+        } else {
+            // Another store than the first one seen (not in a server, which has one).
+            self.histogram(STORE_DURATION, &[("store", store)])
+                .record(seconds);
         }
         if let Some(kind) = error {
             self.counter(STORE_ERRORS, &[("store", store), ("kind", kind)])

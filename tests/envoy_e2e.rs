@@ -630,19 +630,27 @@ routes:
     avoid_minute_boundary().await;
     let odd: &[u8] = b"key-\xff\xfe";
     for n in 1..=2 {
-        let code = stack.envoy.get_raw_header("/users", "x-api-key", odd).await;
-        assert_eq!(code, 200, "request {n}\n{}", stack.envoy.log_text());
+        let r = stack.envoy.get_raw_header("/users", "x-api-key", odd).await;
+        assert_eq!(
+            r.status,
+            200,
+            "request {n}: {r:?}\n{}",
+            stack.envoy.log_text()
+        );
     }
-    let code = stack.envoy.get_raw_header("/users", "x-api-key", odd).await;
+    let r = stack.envoy.get_raw_header("/users", "x-api-key", odd).await;
     assert_eq!(
-        code, 429,
-        "the third request with the same odd key is over the limit of 2"
+        r.status, 429,
+        "the third request with the same odd key is over the limit of 2: {r:?}"
     );
-    let code = stack
+    let r = stack
         .envoy
         .get_raw_header("/users", "x-api-key", b"key-\xff\xfd")
         .await;
-    assert_eq!(code, 200, "another odd key has a counter of its own");
+    assert_eq!(
+        r.status, 200,
+        "another odd key has a counter of its own: {r:?}"
+    );
 }
 
 /// A route's `rejected_code` reaches the client through Envoy: sluice returns it in

@@ -210,30 +210,18 @@ impl Envoy {
 
 impl Envoy {
     /// `GET path` with one header whose value is raw bytes (not necessarily UTF-8), as a
-    /// client may send it; returns the status code.
-    pub async fn get_raw_header(&self, path: &str, name: &str, value: &[u8]) -> u16 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// client may send it.
+    pub async fn get_raw_header(&self, path: &str, name: &str, value: &[u8]) -> HttpResponse {
         let mut request =
             format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{name}: ")
                 .into_bytes();
         request.extend_from_slice(value);
         request.extend_from_slice(b"\r\n\r\n");
-        let exchange = async {
-            let mut stream = TcpStream::connect(("127.0.0.1", self.listener)).await?;
-            stream.write_all(&request).await?;
-            let mut raw = Vec::new();
-            stream.read_to_end(&mut raw).await?;
-            Ok::<_, std::io::Error>(raw)
-        };
-        let raw = tokio::time::timeout(REQUEST_WITHIN, exchange)
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.listener));
+        let raw = http::exchange(addr, &request, REQUEST_WITHIN)
             .await
-            .unwrap_or_else(|_| panic!("GET {path}: no answer\n{}", self.log_text()))
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log_text()));
-        let head = String::from_utf8_lossy(&raw);
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("GET {path}: not an HTTP answer: {head}"))
+        http::parse_response(&raw).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 }
 

@@ -78,12 +78,25 @@ pub async fn send(
     }
     request.push_str("\r\n");
     request.push_str(body.unwrap_or(""));
-    let exchange = async {
+    let raw = exchange(addr, request.as_bytes(), within)
+        .await
+        .map_err(|e| format!("{method} {path} on {addr}: {e}"))?;
+    parse_response(&raw).map_err(|e| format!("{method} {path} on {addr}: {e}"))
+}
+
+/// `GET path`, answered within [`DEFAULT_WITHIN`]; panics on any failure.
+/// Writes `request` as it is (any bytes), reads until the server closes, within `within`.
+pub async fn exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    within: Duration,
+) -> Result<Vec<u8>, String> {
+    let talk = async {
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         stream
-            .write_all(request.as_bytes())
+            .write_all(request)
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut raw = Vec::new();
@@ -93,14 +106,11 @@ pub async fn send(
             .map_err(|e| format!("read: {e}"))?;
         Ok::<_, String>(raw)
     };
-    let raw = tokio::time::timeout(within, exchange)
+    tokio::time::timeout(within, talk)
         .await
-        .map_err(|_| format!("{method} {path} on {addr}: no complete answer within {within:?}"))?
-        .map_err(|e| format!("{method} {path} on {addr}: {e}"))?;
-    parse_response(&raw).map_err(|e| format!("{method} {path} on {addr}: {e}"))
+        .map_err(|_| format!("no complete answer within {within:?}"))?
 }
 
-/// `GET path`, answered within [`DEFAULT_WITHIN`]; panics on any failure.
 pub async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
     get_within(addr, path, DEFAULT_WITHIN).await
 }

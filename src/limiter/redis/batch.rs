@@ -149,71 +149,61 @@ async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>, i
 
 /// Sends a batch (one command per slot on a cluster, else one) and answers every job.
 async fn run(shared: &Arc<Shared>, batch: Vec<Job>) {
-    // Every call by (job, position), grouped by what one command may carry.
-    let mut groups: HashMap<u16, Vec<(usize, usize)>> = HashMap::new();
-    for (j, job) in batch.iter().enumerate() {
-        for (c, call) in job.calls.iter().enumerate() {
-            let key = if shared.clustered { call.slot() } else { 0 };
-            groups.entry(key).or_default().push((j, c));
-        }
+    // The jobs' calls in one list, each job remembering how many are its own.
+    let mut calls = Vec::new();
+    let mut waiting = Vec::with_capacity(batch.len());
+    for job in batch {
+        waiting.push((job.reply, job.calls.len()));
+        calls.extend(job.calls);
     }
-    let mut replies: Vec<Vec<Option<Result<Value, Error>>>> = batch
-        .iter()
-        .map(|job| (0..job.calls.len()).map(|_| None).collect())
-        .collect();
-    if groups.len() == 1 {
-        let (slot, members) = groups.into_iter().next().unwrap_or_default();
-        let calls: Vec<&Call> = members.iter().map(|&(j, c)| &batch[j].calls[c]).collect();
-        let results = send(shared, slot, &calls).await;
-        for ((j, c), result) in members.into_iter().zip(results) {
-            replies[j][c] = Some(result);
-        }
+    let results = if shared.clustered {
+        send_by_slot(shared, calls).await
     } else {
-        // Different slots live on different nodes: send them all at once.
-        let mut sent = tokio::task::JoinSet::new();
-        for (slot, members) in groups {
-            let calls: Vec<Call> = members
-                .iter()
-                .map(|&(j, c)| batch[j].calls[c].clone_for_send())
-                .collect();
-            let shared = shared.clone();
-            sent.spawn(async move {
-                let refs: Vec<&Call> = calls.iter().collect();
-                (members, send(&shared, slot, &refs).await)
-            });
-        }
-        while let Some(done) = sent.join_next().await {
-            if let Ok((members, results)) = done {
-                for ((j, c), result) in members.into_iter().zip(results) {
-                    replies[j][c] = Some(result);
-                }
-            }
-        }
-    }
-    for (job, answers) in batch.into_iter().zip(replies) {
-        let answers = answers
-            .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(Error::new(ErrorKind::Unknown, "batch lost"))))
-            .collect();
+        send(shared, 0, &calls).await
+    };
+    let mut results = results.into_iter();
+    for (reply, count) in waiting {
         // The request may have given up (its timeout passed); nothing to do then.
-        let _ = job.reply.send(answers);
+        let _ = reply.send(results.by_ref().take(count).collect());
     }
 }
 
-impl Call {
-    fn clone_for_send(&self) -> Call {
-        Call {
-            first: self.first.clone(),
-            second: self.second.clone(),
-            algorithm: self.algorithm,
-            args: self.args,
+/// A cluster's batch: one command per slot, all sent at once (different slots live on
+/// different nodes); the results in call order.
+async fn send_by_slot(shared: &Arc<Shared>, calls: Vec<Call>) -> Replies {
+    let total = calls.len();
+    let mut groups: HashMap<u16, (Vec<usize>, Vec<Call>)> = HashMap::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        let (positions, group) = groups.entry(call.slot()).or_default();
+        positions.push(i);
+        group.push(call);
+    }
+    if groups.len() == 1 {
+        let (slot, (_, group)) = groups.into_iter().next().unwrap_or_default();
+        return send(shared, slot, &group).await;
+    }
+    let mut sent = tokio::task::JoinSet::new();
+    for (slot, (positions, group)) in groups {
+        let shared = shared.clone();
+        sent.spawn(async move { (positions, send(&shared, slot, &group).await) });
+    }
+    let mut results: Vec<Option<Result<Value, Error>>> = (0..total).map(|_| None).collect();
+    while let Some(done) = sent.join_next().await {
+        if let Ok((positions, replies)) = done {
+            for (i, reply) in positions.into_iter().zip(replies) {
+                results[i] = Some(reply);
+            }
         }
     }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Unknown, "batch lost"))))
+        .collect()
 }
 
 /// One `EVALSHA` of the batch script for `calls` (all in `slot` on a cluster); one result per
 /// call. A lost script cache (NOSCRIPT: the script did not run) loads it and sends again.
-async fn send(shared: &Shared, slot: u16, calls: &[&Call]) -> Replies {
+async fn send(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
     let mut reply = evalsha(shared, slot, calls).await;
     if matches!(&reply, Err(e) if is_noscript(e)) {
         match shared
@@ -247,7 +237,7 @@ async fn send(shared: &Shared, slot: u16, calls: &[&Call]) -> Replies {
     }
 }
 
-async fn evalsha(shared: &Shared, slot: u16, calls: &[&Call]) -> Result<Value, Error> {
+async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Error> {
     // A connection that is down would queue the batch behind its reconnection until a
     // timeout fires: take one that is up, or fail now so the fallback answers at once.
     let client = shared.pool.next_connected();
