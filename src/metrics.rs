@@ -31,6 +31,12 @@ pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
 pub const CONFIG_LOADED_AT: &str = "sluice_config_last_load_timestamp_seconds";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
+/// Blocks of hits taken from the store by routes with `lease`.
+pub const LEASES: &str = "sluice_leases_total";
+/// Hits those blocks took from the store.
+pub const LEASED_HITS: &str = "sluice_leased_hits_total";
+/// Hits admitted from a leased block, without a store call.
+pub const LEASE_ADMITTED: &str = "sluice_lease_admitted_hits_total";
 
 /// Histogram buckets (seconds) that resolve sub-millisecond answers: 25 µs to 1 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -174,6 +180,15 @@ impl Metrics {
             (
                 MEMORY_REJECTED,
                 "New counters not stored because the memory store was full",
+            ),
+            (
+                LEASES,
+                "Blocks of hits leased from the store (routes with lease)",
+            ),
+            (LEASED_HITS, "Hits taken from the store by leases"),
+            (
+                LEASE_ADMITTED,
+                "Hits admitted from a leased block without a store call",
             ),
         ];
         for (name, help) in counters {

@@ -267,6 +267,139 @@ pub fn token_bucket(
     }
 }
 
+/// A lease takes at most this share of what a counter has left (but always the hits of the
+/// request that asks): as the counter nears its limit, blocks shrink towards one hit, so the
+/// last hits of a window are counted exactly and no replica strands much of the rest.
+pub const LEASE_SHARE: u64 = 8;
+
+/// How many hits a lease takes: the block asked for (at least `hits`), at most what is
+/// `left`, and at most [`LEASE_SHARE`]'s part of it unless `hits` alone needs more.
+fn lease_grant(hits: u64, block: u64, left: u64) -> u64 {
+    block
+        .max(hits)
+        .min(left)
+        .min(hits.max(left.div_ceil(LEASE_SHARE)))
+}
+
+/// `fixed_window` with a lease: when the window can admit `hits`, take a block (see
+/// [`lease_grant`]) instead, all counted at once; otherwise exactly [`fixed_window`] (the
+/// hits are counted, and the answer is over). Returns the hits taken (0 when over).
+///
+/// ```text
+/// left    = max(0, limit - count_in(window))
+/// granted = hits <= left ? min(max(block, hits), left, max(hits, ceil(left / 8))) : 0
+/// count   = count_in(window) + (granted, or hits when over)
+/// ```
+pub fn fixed_window_lease(
+    prev: Option<FixedWindow>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    block: u64,
+) -> (Outcome, FixedWindow, u64) {
+    let period = threshold.period_ms();
+    let window = now - now % period;
+    let before = match prev {
+        Some(state) if state.window == window => state.count,
+        _ => 0,
+    };
+    let left = threshold.limit.saturating_sub(before);
+    if hits > left {
+        let (outcome, state) = fixed_window(prev, now, threshold, hits, HitMode::Take);
+        return (outcome, state, 0);
+    }
+    let granted = lease_grant(hits, block, left);
+    let count = before + granted;
+    let outcome = Outcome {
+        over: false,
+        remaining: threshold.limit - count,
+        reset_ms: window.saturating_add(period) - now,
+    };
+    (outcome, FixedWindow { window, count }, granted)
+}
+
+/// `token_bucket` with a lease: when the bucket holds `hits` tokens, take a block of them
+/// (see [`lease_grant`]) at once; otherwise exactly [`token_bucket`] (over, state unchanged).
+/// Returns the tokens taken (0 when over).
+///
+/// ```text
+/// available = floor((capacity - (tat - now)) / T)
+/// granted   = hits <= available ? min(max(block, hits), available, max(hits, ceil(available / 8))) : 0
+/// tat'      = tat + granted * T
+/// ```
+pub fn token_bucket_lease(
+    prev: Option<TokenBucket>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    block: u64,
+) -> (Outcome, TokenBucket, u64) {
+    let period_us = threshold.period_ms().saturating_mul(1000);
+    let now_us = now.saturating_mul(1000);
+    if threshold.limit == 0 {
+        let (outcome, state) = token_bucket(prev, now, threshold, hits, HitMode::Take);
+        return (outcome, state, 0);
+    }
+    let interval = (period_us / threshold.limit).max(1);
+    let capacity = threshold
+        .burst
+        .unwrap_or(threshold.limit)
+        .saturating_mul(interval);
+    let tat = prev.map(|p| p.tat_us).unwrap_or(now_us).max(now_us);
+    let available = capacity.saturating_sub(tat - now_us) / interval;
+    if hits > available {
+        let (outcome, state) = token_bucket(prev, now, threshold, hits, HitMode::Take);
+        return (outcome, state, 0);
+    }
+    let granted = lease_grant(hits, block, available);
+    let next = tat + granted * interval;
+    let used = next - now_us;
+    let outcome = Outcome {
+        over: false,
+        remaining: (capacity - used) / interval,
+        reset_ms: used.div_ceil(1000),
+    };
+    (outcome, TokenBucket { tat_us: next }, granted)
+}
+
+/// Takes a lease of up to `block` hits on a `fixed_window` or `token_bucket` counter (a
+/// `sliding_window` is never leased: the configuration refuses it, and this falls back to
+/// counting `hits`). Returns what [`apply`] returns, and the hits taken.
+pub fn apply_lease(
+    algorithm: Algorithm,
+    prev: Option<CounterState>,
+    now: u64,
+    threshold: &Threshold,
+    hits: u64,
+    block: u64,
+) -> (Outcome, CounterState, u64, u64) {
+    match algorithm {
+        Algorithm::FixedWindow => {
+            let prev = match prev {
+                Some(CounterState::Fixed(s)) => Some(s),
+                _ => None,
+            };
+            let (out, next, granted) = fixed_window_lease(prev, now, threshold, hits, block);
+            let expires = next.expires_at(threshold);
+            (out, CounterState::Fixed(next), expires, granted)
+        }
+        Algorithm::TokenBucket => {
+            let prev = match prev {
+                Some(CounterState::Bucket(s)) => Some(s),
+                _ => None,
+            };
+            let (out, next, granted) = token_bucket_lease(prev, now, threshold, hits, block);
+            let expires = next.tat_us.div_ceil(1000).max(now + 1);
+            (out, CounterState::Bucket(next), expires, granted)
+        }
+        Algorithm::SlidingWindow => {
+            let (out, next, expires) = apply(algorithm, prev, now, threshold, hits, HitMode::Take);
+            let granted = if out.over { 0 } else { hits };
+            (out, next, expires, granted)
+        }
+    }
+}
+
 /// The state of one counter, whatever its algorithm. A counter whose route changed
 /// algorithm on reload finds state of another kind and starts afresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,5 +495,58 @@ mod tests {
         assert_eq!((out.over, out.remaining, s2.count), (false, 0, 1));
         let (out, s3) = fixed_window(Some(s2), 5_200, &t, 5, HitMode::Give);
         assert_eq!((out.over, out.remaining, s3.count), (false, 1, 0));
+    }
+
+    #[test]
+    fn a_fixed_window_lease_takes_its_block_then_shrinks_to_the_last_hits() {
+        let t = Threshold::new(100, Unit::Minute);
+        let now = 10 * MIN;
+        // 100 left: a block of 50 is capped at an eighth of what is left (13).
+        let (out, s, granted) = fixed_window_lease(None, now, &t, 1, 50);
+        assert_eq!((granted, out.remaining, out.over), (13, 87, false));
+        // A block never passes what is left, and shrinks as the window fills.
+        let mut state = s;
+        let mut taken = 13;
+        let mut grants = Vec::new();
+        loop {
+            let (out, next, granted) = fixed_window_lease(Some(state), now + 1, &t, 1, 50);
+            state = next;
+            if out.over {
+                assert_eq!(granted, 0);
+                break;
+            }
+            taken += granted;
+            grants.push(granted);
+        }
+        assert_eq!(taken, 100, "the whole limit is leased, never more");
+        assert_eq!(grants.last(), Some(&1), "the last hits go one by one");
+        assert!(grants.windows(2).all(|w| w[0] >= w[1]), "{grants:?}");
+        // Over: the hit is counted as a plain fixed window counts it.
+        assert_eq!(state.count, 101);
+    }
+
+    #[test]
+    fn a_lease_always_covers_the_hits_of_its_request() {
+        let t = Threshold::new(100, Unit::Minute);
+        let (out, s, granted) = fixed_window_lease(None, 0, &t, 40, 2);
+        assert_eq!((granted, out.remaining, s.count), (40, 60, 40));
+        let (out, _, granted) = fixed_window_lease(Some(s), 1, &t, 61, 2);
+        assert_eq!((granted, out.over), (0, true));
+    }
+
+    #[test]
+    fn a_token_bucket_lease_takes_only_tokens_that_are_there() {
+        // 10 per second, a full bucket of 10.
+        let t = Threshold::new(10, Unit::Second);
+        let (out, s, granted) = token_bucket_lease(None, 1_000, &t, 1, 100);
+        assert_eq!((granted, out.remaining), (2, 8));
+        let (out, s, granted) = token_bucket_lease(Some(s), 1_000, &t, 8, 1);
+        assert_eq!((granted, out.remaining), (8, 0));
+        let (out, s2, granted) = token_bucket_lease(Some(s), 1_000, &t, 1, 5);
+        assert_eq!((granted, out.over), (0, true));
+        assert_eq!(s2, s, "a refused lease moves nothing");
+        // 100 ms later one token is back.
+        let (out, _, granted) = token_bucket_lease(Some(s), 1_100, &t, 1, 5);
+        assert_eq!((granted, out.over, out.remaining), (1, false, 0));
     }
 }

@@ -7,9 +7,11 @@
 //! directly.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::cache::OverLimitCache;
 use super::fallback::{Fallback, FallbackConfig, FallbackStore};
+use super::lease::Leasing;
 use super::memory::MemoryStore;
 use super::{Source, Store, StoreFuture};
 use crate::metrics::{self, Metrics};
@@ -39,6 +41,7 @@ pub struct Backend {
 /// The three parts a remote backend adds, each held by its own type.
 struct RemoteParts {
     remote: Arc<dyn Remote>,
+    leasing: Arc<Leasing>,
     fallback: Arc<Fallback>,
     cache: Arc<OverLimitCache>,
 }
@@ -56,7 +59,8 @@ impl Backend {
 
     /// Counting in a remote store, wrapped as the request path needs it: the over-limit
     /// cache first (no call for a counter known to be over), then the fallback (a timeout,
-    /// a circuit breaker, and local answers while the remote cannot give them).
+    /// a circuit breaker, and local answers while the remote cannot give them), then leases
+    /// (blocks of hits for routes with `lease`; other counters pass straight through).
     pub fn remote(
         remote: Arc<dyn Remote>,
         memory: Arc<MemoryStore>,
@@ -66,7 +70,9 @@ impl Backend {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let source = remote.source();
-        let fallback = Fallback::new(remote.clone(), memory.clone(), fallback, metrics, stop);
+        // As many leased counters as the memory store holds counters.
+        let leasing = Arc::new(Leasing::new(remote.clone(), memory.capacity()));
+        let fallback = Fallback::new(leasing.clone(), memory.clone(), fallback, metrics, stop);
         let cache = Arc::new(OverLimitCache::new(
             Arc::new(FallbackStore(fallback.clone())),
             cache_entries,
@@ -77,6 +83,7 @@ impl Backend {
             memory,
             remote: Some(RemoteParts {
                 remote,
+                leasing,
                 fallback,
                 cache,
             }),
@@ -110,6 +117,7 @@ impl Backend {
         self.memory.sweep(now);
         if let Some(parts) = &self.remote {
             parts.cache.sweep(now);
+            parts.leasing.sweep(now);
         }
     }
 
@@ -124,6 +132,13 @@ impl Backend {
                 .set(parts.cache.len() as f64);
             m.counter(metrics::OVER_LIMIT_CACHE_HITS, &[])
                 .absolute(parts.cache.hits());
+            let lease = parts.leasing.stats();
+            m.counter(metrics::LEASES, &[])
+                .absolute(lease.leases.load(Ordering::Relaxed));
+            m.counter(metrics::LEASED_HITS, &[])
+                .absolute(lease.leased_hits.load(Ordering::Relaxed));
+            m.counter(metrics::LEASE_ADMITTED, &[])
+                .absolute(lease.admitted.load(Ordering::Relaxed));
         }
     }
 }

@@ -94,6 +94,10 @@ impl<V> BoundedMap<V> {
         self.len() == 0
     }
 
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }

@@ -143,6 +143,8 @@ impl Fallback {
             return Err(StoreError::Declined(Box::new(error)));
         }
         for op in ops.iter_mut() {
+            // A lease asked of the store (and not answered) is a plain hit here.
+            op.block = 0;
             let period = op.threshold.period_ms();
             let reset_ms = period - now % period;
             match op.policy.fallback {

@@ -12,7 +12,7 @@
 
 use super::algorithm::{self, CounterState};
 use super::bounded::BoundedMap;
-use super::{CounterOp, Source, Store, StoreFuture};
+use super::{CounterOp, HitMode, Source, Store, StoreFuture};
 
 /// One counter's state and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
@@ -36,12 +36,19 @@ impl MemoryStore {
 
     /// Applies one op at `now` and fills its outcome.
     pub fn apply_one(&self, op: &mut CounterOp, now: u64) {
-        op.outcome = self.counters.update(&op.counter, |prev| {
+        let lease = op.block > 0 && op.hits > 0 && op.mode == HitMode::Take;
+        (op.outcome, op.granted) = self.counters.update(&op.counter, |prev| {
             // State past its expiry is as good as absent (the sweeper may not have run yet).
             let prev = prev.filter(|e| e.expires_at > now).map(|e| e.state);
-            let (outcome, state, expires_at) =
-                algorithm::apply(op.algorithm, prev, now, &op.threshold, op.hits, op.mode);
-            (outcome, Entry { state, expires_at })
+            let (outcome, state, expires_at, granted) = if lease {
+                algorithm::apply_lease(op.algorithm, prev, now, &op.threshold, op.hits, op.block)
+            } else {
+                let (outcome, state, expires_at) =
+                    algorithm::apply(op.algorithm, prev, now, &op.threshold, op.hits, op.mode);
+                let taken = op.mode == HitMode::Take && !outcome.over;
+                (outcome, state, expires_at, if taken { op.hits } else { 0 })
+            };
+            ((outcome, granted), Entry { state, expires_at })
         });
     }
 
@@ -52,6 +59,11 @@ impl MemoryStore {
 
     pub fn len(&self) -> usize {
         self.counters.len()
+    }
+
+    /// The most counters it holds.
+    pub fn capacity(&self) -> usize {
+        self.counters.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,7 +88,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{Algorithm, HitMode, Threshold, Unit};
+    use crate::limiter::{Algorithm, Threshold, Unit};
 
     fn op(counter: &str, limit: u64) -> CounterOp {
         CounterOp::new(

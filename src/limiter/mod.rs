@@ -16,6 +16,7 @@ pub mod bounded;
 pub mod cache;
 pub mod fallback;
 pub mod keys;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
@@ -23,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use crate::limits::{
-    Algorithm, DEFAULT_STORE_TIMEOUT, FallbackMode, MAX_PERIOD_MS, Threshold, Unit,
+    Algorithm, DEFAULT_STORE_TIMEOUT, FallbackMode, Lease, MAX_PERIOD_MS, Threshold, Unit,
 };
 
 /// Where an answer came from: `dynamic_metadata.source`, the `X-Sluice-Fallback` header, the
@@ -39,6 +40,8 @@ pub enum Source {
     LocalCache,
     /// The fallback, because the store failed or its breaker is open.
     Fallback,
+    /// A block this replica leased from the store earlier, without a store call.
+    Lease,
 }
 
 impl Source {
@@ -49,6 +52,7 @@ impl Source {
             Source::Redis => "redis",
             Source::LocalCache => "local_cache",
             Source::Fallback => "fallback",
+            Source::Lease => "lease",
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct OpPolicy {
     /// Budget for the store call; past it the fallback answers.
     pub timeout: std::time::Duration,
     pub fallback: FallbackMode,
+    /// Whether the counter may be taken from the store in blocks (see [`lease`]).
+    pub lease: Lease,
 }
 
 impl Default for OpPolicy {
@@ -94,6 +100,7 @@ impl Default for OpPolicy {
         Self {
             timeout: DEFAULT_STORE_TIMEOUT,
             fallback: FallbackMode::Local,
+            lease: Lease::Off,
         }
     }
 }
@@ -111,6 +118,12 @@ pub struct CounterOp {
     pub outcome: Outcome,
     /// Where the outcome came from.
     pub source: Source,
+    /// Nonzero asks the store for a lease: take up to this many hits (at least `hits`, never
+    /// more than the counter has left) and report in `granted` how many were taken. Only
+    /// [`lease`] sets it, and only for `fixed_window` and `token_bucket`.
+    pub block: u64,
+    /// Hits the store took for this op: `hits` (or a lease's block) when admitted, else 0.
+    pub granted: u64,
 }
 
 impl CounterOp {
@@ -130,6 +143,8 @@ impl CounterOp {
             policy: OpPolicy::default(),
             outcome: Outcome::default(),
             source: Source::Pending,
+            block: 0,
+            granted: 0,
         }
     }
 }

@@ -12,7 +12,8 @@ use regex::Regex;
 use serde::Serialize;
 
 use super::{
-    Algorithm, DescriptorTree, DomainHandles, FallbackMode, HeaderStyle, RouteHandles, Threshold,
+    Algorithm, DescriptorTree, DomainHandles, FallbackMode, HeaderStyle, Lease, RouteHandles,
+    Threshold,
 };
 
 /// Every domain's limits, as one immutable set swapped whole on reload.
@@ -120,6 +121,8 @@ pub struct RouteSettings {
     #[serde(serialize_with = "serialize_duration_setting")]
     pub timeout: Setting<Duration>,
     pub fallback: Setting<FallbackMode>,
+    /// Whether hits are taken from the store in blocks ([`Lease`]); `off` counts each one.
+    pub lease: Setting<Lease>,
 }
 
 fn serialize_duration_setting<S: serde::Serializer>(

@@ -129,6 +129,53 @@ pub enum FallbackMode {
     Error,
 }
 
+/// Whether a route counts each hit in the store or takes hits from it in blocks (`lease:`,
+/// inherited like every route setting).
+///
+/// A lease trades a little under-admission for speed: a replica takes a block of hits with
+/// one store call and admits from it in memory, so a hot counter costs a store call per block
+/// instead of per hit. A block never holds more than the counter has left, so the limit is
+/// never passed; what a replica leased and did not use by the window's end is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Lease {
+    /// Every hit is counted in the store (exact).
+    #[default]
+    Off,
+    /// Blocks sized from the replica's recent rate of the counter, shrinking near the limit.
+    Auto,
+    /// Blocks of at most this many hits (still shrinking near the limit).
+    Block(u64),
+}
+
+/// The largest `lease: <N>`: larger blocks only widen what a replica can strand at a
+/// window's end.
+pub const MAX_LEASE_BLOCK: u64 = 1_000_000;
+
+impl Lease {
+    pub fn is_on(self) -> bool {
+        self != Lease::Off
+    }
+}
+
+impl std::fmt::Display for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lease::Off => f.write_str("off"),
+            Lease::Auto => f.write_str("auto"),
+            Lease::Block(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Lease {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Lease::Block(n) => s.serialize_u64(*n),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
 /// Which quota headers a route adds (`rate_limit_headers:`; `show_limit_quota_header: true`
 /// is the same as `x_ratelimit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -58,6 +58,7 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                 .map(|s| OpPolicy {
                     timeout: s.timeout.value,
                     fallback: s.fallback.value,
+                    lease: s.lease.value,
                 })
                 .unwrap_or_default();
             let algorithm = settings.map(|s| s.algorithm.value).unwrap_or_default();
@@ -73,6 +74,8 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                     policy,
                     outcome: Outcome::default(),
                     source: Source::Pending,
+                    block: 0,
+                    granted: 0,
                 });
             }
             ops.push(CounterOp {
@@ -85,6 +88,8 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                 policy,
                 outcome: Outcome::default(),
                 source: Source::Pending,
+                block: 0,
+                granted: 0,
             });
             op = Some((first, ops.len() - first));
         }

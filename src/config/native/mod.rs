@@ -429,7 +429,29 @@ impl<'a> FileContext<'a> {
                     None
                 }
             });
-        RouteSettings {
+        let lease = own.lease.as_ref().and_then(|raw| match raw {
+            LeaseRaw::Word(w) if w.eq_ignore_ascii_case("auto") => Some(Lease::Auto),
+            LeaseRaw::Word(w) if w.eq_ignore_ascii_case("off") => Some(Lease::Off),
+            LeaseRaw::Block(n) if (1..=MAX_LEASE_BLOCK as i64).contains(n) => {
+                Some(Lease::Block(*n as u64))
+            }
+            other => {
+                let shown = match other {
+                    LeaseRaw::Word(w) => format!("\"{w}\""),
+                    LeaseRaw::Block(n) => n.to_string(),
+                };
+                self.error(
+                    at,
+                    format!("{prefix}lease"),
+                    format!(
+                        "{shown} is not a lease: write `auto` (blocks sized from the traffic), \
+                         a block size from 1 to {MAX_LEASE_BLOCK}, or `off`"
+                    ),
+                );
+                None
+            }
+        });
+        let settings = RouteSettings {
             algorithm: pick(
                 own.algorithm,
                 own_name,
@@ -474,6 +496,25 @@ impl<'a> FileContext<'a> {
                 base.map(|b| &b.fallback),
                 FallbackMode::Local,
             ),
+            lease: pick(lease, own_name, base.map(|b| &b.lease), Lease::Off),
+        };
+        // Reported where the combination is made: a route inheriting both from a base that
+        // was already reported is not reported again.
+        if settings.lease.value.is_on()
+            && settings.algorithm.value == Algorithm::SlidingWindow
+            && (own.lease.is_some() || own.algorithm.is_some())
+        {
+            self.error(
+                at,
+                format!("{prefix}lease"),
+                format!(
+                    "lease: {} (from {}) cannot count a sliding_window (from {}): a block leased \
+                     in one window would still weigh in the next. Use fixed_window or \
+                     token_bucket with a lease, or set `lease: off`",
+                    settings.lease.value, settings.lease.from, settings.algorithm.from
+                ),
+            );
         }
+        settings
     }
 }

@@ -34,6 +34,16 @@ pub struct SettingsRaw {
     pub quota_mode: Option<bool>,
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
+    pub lease: Option<LeaseRaw>,
+}
+
+/// `lease: auto`, `lease: off` or `lease: <block size>`; checked in [`super`], which can
+/// name the route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LeaseRaw {
+    Block(i64),
+    Word(String),
 }
 
 /// A route. The settings fields repeat [`SettingsRaw`] rather than `flatten` it, because
@@ -53,6 +63,7 @@ pub struct RouteRaw {
     pub quota_mode: Option<bool>,
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
+    pub lease: Option<LeaseRaw>,
 }
 
 impl RouteRaw {
@@ -67,6 +78,7 @@ impl RouteRaw {
             quota_mode: self.quota_mode,
             timeout: self.timeout.clone(),
             fallback: self.fallback,
+            lease: self.lease.clone(),
         }
     }
 }

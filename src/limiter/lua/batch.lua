@@ -3,10 +3,10 @@
 --
 -- ARGV[1]  the number of calls; then per call:
 --          algorithm (1 fixed_window, 2 sliding_window, 3 token_bucket), number of keys,
---          limit, period ms, now ms, hits, 1 to give back / 0 to take, burst
+--          limit, period ms, now ms, hits, 1 to give back / 0 to take, burst, lease block
 -- KEYS     every call's keys, in call order
 --
--- Returns one { over, remaining, reset_ms } per call, in call order.
+-- Returns one { over, remaining, reset_ms[, hits taken] } per call, in call order.
 local algorithms = { fixed_window, sliding_window, token_bucket }
 local out = {}
 local k = 1
@@ -19,11 +19,11 @@ for i = 1, tonumber(ARGV[1]) do
     keys[j] = KEYS[k + j - 1]
   end
   local args = {}
-  for j = 1, 6 do
+  for j = 1, 7 do
     args[j] = ARGV[a + 1 + j]
   end
   out[i] = algorithm(keys, args)
   k = k + nkeys
-  a = a + 8
+  a = a + 9
 end
 return out

@@ -6,13 +6,19 @@
 -- ARGV[3]  now in ms since the epoch (the caller's clock, so every replica agrees)
 -- ARGV[4]  hits
 -- ARGV[5]  1 to give hits back (is_negative_hits), 0 to take them
+-- ARGV[6]  (burst, unused here)
+-- ARGV[7]  0, or a lease: take up to this many hits at once (limiter::algorithm::
+--          fixed_window_lease): at least ARGV[4], at most what is left and at most an
+--          eighth of it unless ARGV[4] alone needs more
 --
--- Returns { over (0|1), remaining, reset_ms }.
+-- Returns { over (0|1), remaining, reset_ms, hits taken }.
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local hits = tonumber(ARGV[4])
+local block = tonumber(ARGV[7] or '0')
 local window = now - (now % period)
+local taken = 0
 local count
 if ARGV[5] == '1' then
   count = tonumber(redis.call('GET', KEYS[1]) or '0') - hits
@@ -24,8 +30,21 @@ if ARGV[5] == '1' then
     redis.call('SET', KEYS[1], string.format('%.0f', count), 'KEEPTTL')
   end
 else
-  count = redis.call('INCRBY', KEYS[1], ARGV[4])
-  if count == hits then
+  local add = hits
+  if block > 0 and hits > 0 then
+    local left = limit - tonumber(redis.call('GET', KEYS[1]) or '0')
+    if left < 0 then
+      left = 0
+    end
+    if hits <= left then
+      add = math.min(math.max(block, hits), left, math.max(hits, math.ceil(left / 8)))
+    end
+  end
+  count = redis.call('INCRBY', KEYS[1], add)
+  if count <= limit then
+    taken = add
+  end
+  if count == add then
     -- Created by this call: it lives until its window ends. Relative (PEXPIRE, from the
     -- caller's `now`), so a skew between the caller's and Redis's clocks cannot expire it early.
     redis.call('PEXPIRE', KEYS[1], window + period - now)
@@ -39,4 +58,4 @@ local remaining = limit - count
 if remaining < 0 then
   remaining = 0
 end
-return { over, remaining, window + period - now }
+return { over, remaining, window + period - now, taken }

@@ -1,15 +1,19 @@
 -- token_bucket (GCRA), the twin of limiter::algorithm::token_bucket.
 --
 -- KEYS[1]  sluice:{<counter id>}:tb   the theoretical arrival time, µs since the epoch
--- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them, burst
+-- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them, burst,
+--          0 or a lease: take up to this many tokens at once (limiter::algorithm::
+--          token_bucket_lease): at least ARGV[4], at most what the bucket holds and at most
+--          an eighth of it unless ARGV[4] alone needs more
 --
--- Returns { over (0|1), remaining, reset_ms }. Every value is an integer below 2^53, so
+-- Returns { over (0|1), remaining, reset_ms, tokens taken }. Every value is an integer below 2^53, so
 -- these doubles compute exactly what the Rust u64 arithmetic does.
 local limit = tonumber(ARGV[1])
 local period_ms = tonumber(ARGV[2])
 local now_us = tonumber(ARGV[3]) * 1000
 local hits = tonumber(ARGV[4])
 local burst = tonumber(ARGV[6])
+local block = tonumber(ARGV[7] or '0')
 
 local stored = redis.call('GET', KEYS[1])
 if stored then
@@ -18,7 +22,7 @@ else
   stored = now_us
 end
 if limit == 0 then
-  return { 1, 0, period_ms }
+  return { 1, 0, period_ms, 0 }
 end
 
 local interval = math.floor(period_ms * 1000 / limit)
@@ -47,14 +51,21 @@ if ARGV[5] == '1' then
   end
   store(tat)
   local used = tat - now_us
-  return { 0, math.floor(math.max(capacity - used, 0) / interval), to_ms(used) }
+  return { 0, math.floor(math.max(capacity - used, 0) / interval), to_ms(used), 0 }
 end
 
+if block > 0 and hits > 0 then
+  local available = math.floor(math.max(capacity - (tat - now_us), 0) / interval)
+  if hits <= available then
+    hits = math.min(math.max(block, hits), available, math.max(hits, math.ceil(available / 8)))
+    cost = hits * interval
+  end
+end
 local next_tat = tat + cost
 if next_tat - now_us <= capacity then
   store(next_tat)
   local used = next_tat - now_us
-  return { 0, math.floor((capacity - used) / interval), to_ms(used) }
+  return { 0, math.floor((capacity - used) / interval), to_ms(used), hits }
 end
 local used = tat - now_us
-return { 1, math.floor(math.max(capacity - used, 0) / interval), to_ms(next_tat - capacity - now_us) }
+return { 1, math.floor(math.max(capacity - used, 0) / interval), to_ms(next_tat - capacity - now_us), 0 }

@@ -32,8 +32,9 @@ const MAX_CALLS: usize = 256;
 
 /// The batch script: the three algorithm scripts as local functions, and a loop over the
 /// calls. `ARGV[1]` is the number of calls; each call then has its algorithm (1 fixed window,
-/// 2 sliding window, 3 token bucket), its number of keys and its six arguments (limit,
-/// period ms, now ms, hits, 1 to give back, burst); `KEYS` holds every call's keys in order.
+/// 2 sliding window, 3 token bucket), its number of keys and its seven arguments (limit,
+/// period ms, now ms, hits, 1 to give back, burst, lease block or 0); `KEYS` holds every
+/// call's keys in order.
 pub fn script() -> String {
     let function =
         |name: &str, body: &str| format!("local function {name}(KEYS, ARGV)\n{body}\nend\n");
@@ -59,7 +60,7 @@ pub struct Call {
     first: String,
     second: Option<String>,
     algorithm: u8,
-    args: [u64; 6],
+    args: [u64; 7],
 }
 
 impl Call {
@@ -81,6 +82,7 @@ impl Call {
                 op.hits,
                 u64::from(op.mode == HitMode::Give),
                 op.threshold.burst.unwrap_or(op.threshold.limit),
+                op.block,
             ],
         }
     }
@@ -253,7 +255,7 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
         .iter()
         .map(|c| 1 + usize::from(c.second.is_some()))
         .sum();
-    let mut args: Vec<Value> = Vec::with_capacity(3 + keys + calls.len() * 8);
+    let mut args: Vec<Value> = Vec::with_capacity(3 + keys + calls.len() * 9);
     args.push(Value::from(shared.sha.as_str()));
     args.push(Value::Integer(keys as i64));
     for call in calls {

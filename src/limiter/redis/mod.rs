@@ -365,8 +365,9 @@ fn store_error(e: &Error) -> StoreError {
     }
 }
 
-/// Reads a script's `{ over, remaining, reset_ms }` reply; anything else is a bad reply.
-fn outcome(value: Value) -> Result<Outcome, StoreError> {
+/// Reads a script's `{ over, remaining, reset_ms[, hits taken] }` reply; anything else is a
+/// bad reply. Without the fourth value (sliding window), an admitted take took its hits.
+fn outcome(value: Value) -> Result<(Outcome, Option<u64>), StoreError> {
     let bad = |what: &str| {
         StoreError::BadReply(format!("expected {{over, remaining, reset}}, got {what}"))
     };
@@ -377,14 +378,19 @@ fn outcome(value: Value) -> Result<Outcome, StoreError> {
         .iter()
         .map(|v| v.as_i64().ok_or_else(|| bad(&v.kind().to_string())))
         .collect::<Result<_, _>>()?;
-    match ints.as_slice() {
-        [over, remaining, reset] => Ok(Outcome {
-            over: *over != 0,
-            remaining: u64::try_from(*remaining).unwrap_or(0),
-            reset_ms: u64::try_from(*reset).unwrap_or(0),
-        }),
-        _ => Err(bad(&format!("{} integers", ints.len()))),
-    }
+    let (over, remaining, reset, taken) = match ints.as_slice() {
+        [over, remaining, reset] => (*over, *remaining, *reset, None),
+        [over, remaining, reset, taken] => (*over, *remaining, *reset, Some(*taken)),
+        _ => return Err(bad(&format!("{} integers", ints.len()))),
+    };
+    Ok((
+        Outcome {
+            over: over != 0,
+            remaining: u64::try_from(remaining).unwrap_or(0),
+            reset_ms: u64::try_from(reset).unwrap_or(0),
+        },
+        taken.map(|t| u64::try_from(t).unwrap_or(0)),
+    ))
 }
 
 impl RedisStore {
@@ -418,7 +424,13 @@ impl Store for RedisStore {
                 ));
             }
             for (op, reply) in ops.iter_mut().zip(replies) {
-                op.outcome = outcome(reply.map_err(|e| store_error(&e))?)?;
+                let (answer, taken) = outcome(reply.map_err(|e| store_error(&e))?)?;
+                op.outcome = answer;
+                op.granted = taken.unwrap_or(if op.mode == super::HitMode::Take && !answer.over {
+                    op.hits
+                } else {
+                    0
+                });
                 op.source = Source::Redis;
             }
             Ok(())
