@@ -171,8 +171,8 @@ struct Scenario {
     limit: u64,
     unit: Unit,
     burst: Option<u64>,
-    /// (ms since the previous step, hits, give back)
-    steps: Vec<(u64, u64, bool)>,
+    /// (ms since the previous step, hits, give back, lease block or 0)
+    steps: Vec<(u64, u64, bool, u64)>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -187,19 +187,34 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         0u64..20,
         unit,
         prop::option::of(1u64..30),
-        prop::collection::vec((0u64..1_500, 0u64..6, prop::bool::weighted(0.1)), 1..40),
+        prop::collection::vec(
+            (
+                0u64..1_500,
+                0u64..6,
+                prop::bool::weighted(0.1),
+                prop_oneof![Just(0u64), 1u64..40],
+            ),
+            1..40,
+        ),
     )
         .prop_map(|(algorithm, limit, unit, burst, steps)| Scenario {
             algorithm,
             limit,
             unit,
             burst: burst.filter(|_| algorithm == Algorithm::TokenBucket),
-            steps,
+            // A sliding window is never leased (the configuration refuses it).
+            steps: steps
+                .into_iter()
+                .map(|(ms, hits, give, block)| {
+                    let leasable = algorithm != Algorithm::SlidingWindow;
+                    (ms, hits, give, if leasable { block } else { 0 })
+                })
+                .collect(),
         })
 }
 
 #[test]
-fn memory_and_redis_agree_on_every_step_for_every_algorithm() {
+fn memory_and_redis_agree_on_every_step_for_every_algorithm_leased_or_not() {
     let server = common::redis::RedisServer::start();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let redis = rt
@@ -225,18 +240,21 @@ fn memory_and_redis_agree_on_every_step_for_every_algorithm() {
         // Each case its own counter (and start time), so Redis state never leaks between cases.
         let counter = format!("prop-{case}");
         let mut now = T0 + case * 7_919;
-        for (i, &(step, hits, give)) in s.steps.iter().enumerate() {
+        for (i, &(step, hits, give, block)) in s.steps.iter().enumerate() {
             now += step;
             let mode = if give { HitMode::Give } else { HitMode::Take };
-            let op = CounterOp::new(counter.clone(), s.algorithm, threshold, hits, mode);
+            let op = CounterOp {
+                block,
+                ..CounterOp::new(counter.clone(), s.algorithm, threshold, hits, mode)
+            };
             let mut in_memory = [op.clone()];
             let mut in_redis = [op];
             rt.block_on(memory.apply(&mut in_memory, now))
                 .expect("memory");
             rt.block_on(redis.apply(&mut in_redis, now)).expect("redis");
             prop_assert_eq!(
-                in_memory[0].outcome,
-                in_redis[0].outcome,
+                (in_memory[0].outcome, in_memory[0].granted),
+                (in_redis[0].outcome, in_redis[0].granted),
                 "step {} of {:?} at now={}",
                 i,
                 s,

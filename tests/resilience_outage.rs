@@ -7,7 +7,7 @@
 //! other fallback mode answers as specified while Redis is down.
 //!
 //! Real time is unavoidable here (processes and signals). Each outage run lasts 20 s and the
-//! three tests take turns, so the file takes about 45 s.
+//! four tests take turns, so the file takes about 65 s.
 
 mod common;
 
@@ -26,6 +26,11 @@ routes:
   # Never over in these tests, so every answer says where it was counted.
   - name: steady
     fallback: local
+    global_threshold: { query_per_second: 1000000 }
+  # The same, taken from Redis in leased blocks.
+  - name: leased
+    fallback: local
+    lease: auto
     global_threshold: { query_per_second: 1000000 }
   - name: allow
     fallback: allow
@@ -101,7 +106,7 @@ async fn until_counted_in_redis(
     let mut last = String::new();
     while Instant::now() < deadline {
         match client.should_rate_limit(ask(route)).await {
-            Ok(r) if metadata(r.get_ref(), "source") == Some("redis") => return,
+            Ok(r) if matches!(metadata(r.get_ref(), "source"), Some("redis" | "lease")) => return,
             other => last = format!("{other:?}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -150,11 +155,11 @@ enum Outage {
 
 /// Runs the steady load for [`RUN_FOR`], with Redis down from [`OUTAGE_AT`] to [`BACK_AT`],
 /// and checks the answers (see [`check`]).
-async fn run_outage(outage: Outage) {
+async fn run_outage(outage: Outage, route: &'static str) {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     let (mut redis, sluice, _dir) = setup();
     let mut warm = client(&sluice).await;
-    until_counted_in_redis(&mut warm, &sluice, "steady").await;
+    until_counted_in_redis(&mut warm, &sluice, route).await;
 
     let start = tokio::time::Instant::now();
     let end = start + RUN_FOR;
@@ -185,12 +190,16 @@ async fn run_outage(outage: Outage) {
                     let sent = Instant::now();
                     let answer = tokio::time::timeout(
                         Duration::from_secs(2),
-                        client.should_rate_limit(ask("steady")),
+                        client.should_rate_limit(ask(route)),
                     )
                     .await;
                     let took = sent.elapsed();
                     let answer = match answer {
-                        Ok(Ok(r)) => Ok(metadata(r.get_ref(), "source").unwrap_or("").to_string()),
+                        // A hit from a block leased of Redis was counted in Redis.
+                        Ok(Ok(r)) => Ok(match metadata(r.get_ref(), "source").unwrap_or("") {
+                            "lease" => "redis".to_string(),
+                            other => other.to_string(),
+                        }),
                         Ok(Err(status)) => {
                             Err(format!("{:?}: {}", status.code(), status.message()))
                         }
@@ -407,12 +416,19 @@ fn wrong_source<'a>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_under_load_no_request_fails_or_waits() {
-    run_outage(Outage::Kill).await;
+    run_outage(Outage::Kill, "steady").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frozen_and_thawed_under_load_no_request_fails_or_waits() {
-    run_outage(Outage::Freeze).await;
+    run_outage(Outage::Freeze, "steady").await;
+}
+
+/// The same with `lease` set: blocks leased before the outage do not hold the fallback off,
+/// and leasing resumes once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_with_leases_no_request_fails_or_waits() {
+    run_outage(Outage::Kill, "leased").await;
 }
 
 /// While Redis is down, `allow` answers OK, `deny` OVER_LIMIT (both from `fallback`), and

@@ -432,6 +432,7 @@ impl<'a> FileContext<'a> {
         let lease = own.lease.as_ref().and_then(|raw| match raw {
             LeaseRaw::Word(w) if w.eq_ignore_ascii_case("auto") => Some(Lease::Auto),
             LeaseRaw::Word(w) if w.eq_ignore_ascii_case("off") => Some(Lease::Off),
+            LeaseRaw::Flag(false) => Some(Lease::Off),
             LeaseRaw::Block(n) if (1..=MAX_LEASE_BLOCK as i64).contains(n) => {
                 Some(Lease::Block(*n as u64))
             }
@@ -439,6 +440,7 @@ impl<'a> FileContext<'a> {
                 let shown = match other {
                     LeaseRaw::Word(w) => format!("\"{w}\""),
                     LeaseRaw::Block(n) => n.to_string(),
+                    LeaseRaw::Flag(b) => b.to_string(),
                 };
                 self.error(
                     at,

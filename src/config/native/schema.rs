@@ -43,6 +43,8 @@ pub struct SettingsRaw {
 #[serde(untagged)]
 pub enum LeaseRaw {
     Block(i64),
+    /// YAML reads a bare `off` as false.
+    Flag(bool),
     Word(String),
 }
 
