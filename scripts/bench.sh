@@ -9,7 +9,8 @@
 #   memory    `sluice serve --backend memory`
 #   redis     `sluice serve --backend redis`, against the private redis-server
 # all serving benches/ghz/limits/bench.yaml. For each scenario — one hot key and 10 000 keys
-# (`k{rand:10000}`), each with fixed_window, sliding_window and token_bucket — and each server,
+# (`k{rand:10000}`), each with fixed_window, sliding_window and token_bucket, and the hot key
+# with `lease: auto` (fixed_window and token_bucket) — and each server,
 # it runs sluice-load unpaced (the peak), then paced at half that peak (`--rps`), and prints a
 # markdown table: throughput, p50/p99/p99.9 at the peak and at half of it, answers, errors,
 # server CPU per request; then the throughput ratios memory / baseline, memory / bare and
@@ -28,6 +29,9 @@
 #                      (by peak throughput)                         (default 1)
 #   BENCH_KEYS         distinct keys of the "10 000 keys" scenarios (default 10000)
 #   BENCH_STRACE       0 to skip the strace run                     (default 1)
+#   BENCH_SCENARIOS    the scenarios to run, space-separated (default all: hot-fixed
+#                      hot-sliding hot-token hot-fixed-lease hot-token-lease keys-fixed
+#                      keys-sliding keys-token)
 #   BENCH_SKIP_BUILD   set to use the existing release binaries
 #   BENCH_OUT          directory for the JSON reports and table.md (default: a temporary one,
 #                      removed)
@@ -200,15 +204,21 @@ for s in "${servers[@]}"; do
   load "${port[$s]}" "route=keys,x-api-key=w{rand:$KEYS}" "${workers[@]}" -z 2s >/dev/null
 done
 
-scenarios=(hot-fixed hot-sliding hot-token keys-fixed keys-sliding keys-token)
+read -r -a scenarios <<<"${BENCH_SCENARIOS:-hot-fixed hot-sliding hot-token hot-fixed-lease hot-token-lease keys-fixed keys-sliding keys-token}"
 declare -A descriptor=(
   [hot-fixed]='route=hot-fixed'
   [hot-sliding]='route=hot-sliding'
   [hot-token]='route=hot-token'
+  [hot-fixed-lease]='route=hot-fixed-lease'
+  [hot-token-lease]='route=hot-token-lease'
   [keys-fixed]="route=keys,x-api-key=k{rand:$KEYS}"
   [keys-sliding]="route=keys-sliding,x-api-key=k{rand:$KEYS}"
   [keys-token]="route=keys-token,x-api-key=k{rand:$KEYS}"
 )
+
+for sc in "${scenarios[@]}"; do
+  [ -n "${descriptor[$sc]:-}" ] || { echo "error: unknown scenario '$sc' in BENCH_SCENARIOS" >&2; exit 2; }
+done
 
 # The four servers back to back per scenario, so that a burst of other activity on the machine
 # hits the runs a ratio compares alike. Each peak run is followed by its half-peak run.
@@ -317,7 +327,10 @@ for n in os.listdir(out):
 
 servers = [("baseline", "sluice baseline"), ("bare", "bare tonic"), ("memory", "sluice memory"), ("redis", "sluice Redis")]
 scenarios = [("hot-fixed", "1 hot key, fixed_window"), ("hot-sliding", "1 hot key, sliding_window"),
-             ("hot-token", "1 hot key, token_bucket"), ("keys-fixed", f"{int(keys):,} keys, fixed_window"),
+             ("hot-token", "1 hot key, token_bucket"),
+             ("hot-fixed-lease", "1 hot key, fixed_window, lease: auto"),
+             ("hot-token-lease", "1 hot key, token_bucket, lease: auto"),
+             ("keys-fixed", f"{int(keys):,} keys, fixed_window"),
              ("keys-sliding", f"{int(keys):,} keys, sliding_window"), ("keys-token", f"{int(keys):,} keys, token_bucket")]
 # Per server and scenario, the round with the median peak throughput (its half-peak run with it).
 pick = {}
@@ -362,6 +375,8 @@ def ratio(a, b, sc):
 print("\n| scenario | memory / baseline | memory / bare tonic | Redis / memory | Redis EVALSHA per request at peak | at half peak |")
 print("|---|---:|---:|---:|---:|---:|")
 for sc, scname in scenarios:
+    if not any((s, sc) in pick for s, _ in servers):
+        continue
     ev = [f"{x['evalsha_per_req']:.3f}" if x and "evalsha_per_req" in x else "-" for x in pick.get(("redis", sc), (None, None))]
     print(f"| {scname} | {ratio('memory', 'baseline', sc)} | {ratio('memory', 'bare', sc)} | {ratio('redis', 'memory', sc)} | {ev[0]} | {ev[1]} |")
 
