@@ -70,4 +70,4 @@ log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
 log "cargo test"
-cargo test --all-targets --locked
+cargo test --all-targets --locked --no-fail-fast

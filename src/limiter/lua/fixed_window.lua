@@ -46,8 +46,11 @@ else
   end
   if count == add then
     -- Created by this call: it lives until its window ends. Relative (PEXPIRE, from the
-    -- caller's `now`), so a skew between the caller's and Redis's clocks cannot expire it early.
-    redis.call('PEXPIRE', KEYS[1], window + period - now)
+    -- caller's `now`), so a skew between the caller's and Redis's clocks cannot expire it early;
+    -- plus a second, so a key made in the window's last milliseconds is still there for the
+    -- calls of that millisecond that come a moment later (the key names its window, so a
+    -- later window never reads it).
+    redis.call('PEXPIRE', KEYS[1], window + period - now + 1000)
   end
 end
 local over = 0

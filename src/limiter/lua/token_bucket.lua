@@ -40,8 +40,10 @@ end
 local function store(value)
   -- %.0f, not tostring: Lua would print large numbers in exponent form and lose digits.
   redis.call('SET', KEYS[1], string.format('%.0f', value))
-  -- Once full again the state says nothing a fresh bucket would not.
-  redis.call('PEXPIRE', KEYS[1], math.max(to_ms(value) - tonumber(ARGV[3]), 1))
+  -- Once full again the state says nothing a fresh bucket would not. Kept a second longer,
+  -- so a bucket a moment from full is still there for the calls that come a moment later
+  -- (a full bucket read late answers as a fresh one: tat is at most now).
+  redis.call('PEXPIRE', KEYS[1], math.max(to_ms(value) - tonumber(ARGV[3]), 1) + 1000)
 end
 
 if ARGV[5] == '1' then
