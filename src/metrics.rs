@@ -31,6 +31,11 @@ pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
 pub const CONFIG_LOADED_AT: &str = "sluice_config_last_load_timestamp_seconds";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
+/// Slots of `concurrent` limits in use, by domain and route; each replica moves it by what
+/// its own calls did, so the sum over replicas is the fleet's count.
+pub const SLOTS_IN_USE: &str = "sluice_concurrency_slots_in_use";
+/// Slots whose give-back never came, freed by their `max_hold`.
+pub const SLOTS_EXPIRED: &str = "sluice_concurrency_slots_expired_total";
 /// Blocks of hits taken from the store by routes with `lease`.
 pub const LEASES: &str = "sluice_leases_total";
 /// Hits those blocks took from the store.
@@ -185,6 +190,10 @@ impl Metrics {
                 LEASES,
                 "Blocks of hits leased from the store (routes with lease)",
             ),
+            (
+                SLOTS_EXPIRED,
+                "Concurrency slots freed by max_hold because their give-back never came, by domain and route",
+            ),
             (LEASED_HITS, "Hits taken from the store by leases"),
             (
                 LEASE_ADMITTED,
@@ -195,6 +204,10 @@ impl Metrics {
             r.describe_counter(name.into(), None, help.into());
         }
         let gauges = [
+            (
+                SLOTS_IN_USE,
+                "Concurrency slots in use by domain and route, as this replica's calls moved them (sum over replicas)",
+            ),
             (
                 FALLBACK_ACTIVE,
                 "1 while the fallback answers instead of the store",
@@ -313,6 +326,29 @@ impl Metrics {
                 )
             })
             .increment(1);
+    }
+
+    /// Moves the slots in use of (domain, route) by what one concurrency call did: `taken`
+    /// (a take, admitted or not) or `given` back, and `expired` found.
+    pub fn slots(
+        &self,
+        handles: (&OnceLock<metrics::Gauge>, &OnceLock<metrics::Counter>),
+        labels: [&str; 2],
+        taken: u64,
+        given: u64,
+        expired: u64,
+    ) {
+        let [domain, route] = labels;
+        let labels = [("domain", domain), ("route", route)];
+        let in_use = handles.0.get_or_init(|| self.gauge(SLOTS_IN_USE, &labels));
+        in_use.increment(taken as f64);
+        in_use.decrement((given + expired) as f64);
+        if expired > 0 {
+            handles
+                .1
+                .get_or_init(|| self.counter(SLOTS_EXPIRED, &labels))
+                .increment(expired);
+        }
     }
 
     /// Counts a descriptor of `domain` that matched no limit, in the domain's slot.

@@ -31,7 +31,8 @@ impl FixedWindow {
 /// ```
 ///
 /// Windows are aligned to the epoch, so every replica and Redis agree on them. Giving hits
-/// back (`HitMode::Give`) subtracts, never below zero. Zero hits checks without counting.
+/// back (`HitMode::Give`) subtracts, never below zero. Zero hits checks without counting, and
+/// is over when nothing is left (`count >= limit`): the check of a budget charged later.
 pub fn fixed_window(
     prev: Option<FixedWindow>,
     now: u64,
@@ -49,8 +50,10 @@ pub fn fixed_window(
         HitMode::Take => before.saturating_add(hits),
         HitMode::Give => before.saturating_sub(hits),
     };
+    // A check (zero hits) asks whether one more hit would pass: over when nothing is left.
+    let checking = mode == HitMode::Take && hits == 0;
     let outcome = Outcome {
-        over: count > threshold.limit,
+        over: count > threshold.limit || (checking && count >= threshold.limit),
         remaining: threshold.limit.saturating_sub(count),
         reset_ms: window.saturating_add(period) - now,
     };
@@ -72,7 +75,7 @@ pub struct SlidingWindow {
 /// ```text
 /// window    = now - now % period,  elapsed = now - window
 /// estimate  = ceil(prev * (period - elapsed) / period) + curr
-/// admitted  = estimate + hits <= limit        (only admitted hits are counted)
+/// admitted  = estimate + max(hits, 1) <= limit   (only admitted hits are counted; 0 checks)
 /// remaining = limit - (estimate + hits if admitted else estimate)
 /// reset     = admitted: window + period - now
 ///             over: the first ms at which the decaying previous window lets `hits` pass,
@@ -119,7 +122,8 @@ pub fn sliding_window(
         }
         HitMode::Take => {
             let after = estimate.saturating_add(hits);
-            if after <= limit {
+            // A check (zero hits) passes only when one more hit would.
+            if estimate.saturating_add(hits.max(1)) <= limit {
                 (
                     Outcome {
                         over: false,
@@ -130,7 +134,7 @@ pub fn sliding_window(
                 )
             } else {
                 let reset_ms =
-                    sliding_retry(limit, curr, before, hits, period, elapsed).unwrap_or(end);
+                    sliding_retry(limit, curr, before, hits.max(1), period, elapsed).unwrap_or(end);
                 (
                     Outcome {
                         over: true,
@@ -190,7 +194,7 @@ pub struct TokenBucket {
 /// T         = floor(period_us / limit)   (emission interval, at least 1 µs)
 /// capacity  = burst * T                  (burst defaults to limit)
 /// tat       = max(stored tat, now)
-/// admitted  = tat + hits * T - now <= capacity     (only admitted hits move tat)
+/// admitted  = tat + max(hits, 1) * T - now <= capacity   (only admitted hits move tat)
 /// remaining = floor((capacity - (tat' - now)) / T)   tokens left after the answer
 /// reset     = admitted: until the bucket is full again (tat' - now)
 ///             over: until `hits` tokens are there (tat + hits * T - capacity - now)
@@ -242,7 +246,9 @@ pub fn token_bucket(
         }
         HitMode::Take => {
             let next = tat.saturating_add(cost);
-            if next - now_us <= capacity {
+            // A check (zero hits) passes only when a whole token is there.
+            let judged = tat.saturating_add(hits.max(1).saturating_mul(interval));
+            if judged - now_us <= capacity {
                 let used = next - now_us;
                 (
                     Outcome {
@@ -258,7 +264,7 @@ pub fn token_bucket(
                     Outcome {
                         over: true,
                         remaining: capacity.saturating_sub(used) / interval,
-                        reset_ms: ms(next - capacity - now_us),
+                        reset_ms: ms(judged - capacity - now_us),
                     },
                     TokenBucket { tat_us: tat },
                 )
@@ -392,7 +398,7 @@ pub fn apply_lease(
             let expires = next.tat_us.div_ceil(1000).max(now + 1);
             (out, CounterState::Bucket(next), expires, granted)
         }
-        Algorithm::SlidingWindow => {
+        Algorithm::SlidingWindow | Algorithm::Concurrent => {
             let (out, next, expires) = apply(algorithm, prev, now, threshold, hits, HitMode::Take);
             let granted = if out.over { 0 } else { hits };
             (out, next, expires, granted)
@@ -450,6 +456,20 @@ pub fn apply(
             let expires = next.tat_us.div_ceil(1000).max(now + 1);
             (out, CounterState::Bucket(next), expires)
         }
+        // Slots are not windowed state: stores keep them apart and call
+        // [`super::concurrency::concurrent`]. Reached only by a caller that did not, which is
+        // then answered as a counter holding no slot.
+        Algorithm::Concurrent => {
+            let (out, _, _) = super::concurrency::concurrent(None, now, threshold, hits, mode);
+            (
+                out,
+                CounterState::Fixed(FixedWindow {
+                    window: now,
+                    count: 0,
+                }),
+                now + 1,
+            )
+        }
     }
 }
 
@@ -491,8 +511,9 @@ mod tests {
     fn zero_hits_checks_without_counting_and_give_never_goes_negative() {
         let t = Threshold::new(1, Unit::Second);
         let (_, s) = fixed_window(None, 5_000, &t, 1, HitMode::Take);
+        // Nothing left: a check is over, and counts nothing.
         let (out, s2) = fixed_window(Some(s), 5_100, &t, 0, HitMode::Take);
-        assert_eq!((out.over, out.remaining, s2.count), (false, 0, 1));
+        assert_eq!((out.over, out.remaining, s2.count), (true, 0, 1));
         let (out, s3) = fixed_window(Some(s2), 5_200, &t, 5, HitMode::Give);
         assert_eq!((out.over, out.remaining, s3.count), (false, 1, 0));
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::bounded::BoundedMap;
-use super::{CounterOp, HitMode, Outcome, Source, Store, StoreFuture};
+use super::{Algorithm, CounterOp, HitMode, Outcome, Source, Store, StoreFuture};
 
 pub struct OverLimitCache {
     inner: Arc<dyn Store>,
@@ -31,7 +31,9 @@ impl OverLimitCache {
     }
 
     fn cached(&self, op: &CounterOp, now: u64) -> Option<u64> {
-        if op.mode != HitMode::Take {
+        // A concurrency take must reach the store even when over: it holds a slot there
+        // that its give-back will free.
+        if op.mode != HitMode::Take || op.algorithm == Algorithm::Concurrent {
             return None;
         }
         self.until.get(&op.counter).filter(|until| *until > now)
@@ -42,7 +44,12 @@ impl OverLimitCache {
     fn remember(&self, ops: &[CounterOp], now: u64) {
         for op in ops {
             let from_store = matches!(op.source, Source::Memory | Source::Redis);
-            if op.outcome.over && op.mode == HitMode::Take && from_store && op.outcome.reset_ms > 0
+            let windowed = op.algorithm != Algorithm::Concurrent;
+            if op.outcome.over
+                && op.mode == HitMode::Take
+                && from_store
+                && windowed
+                && op.outcome.reset_ms > 0
             {
                 let until = now + op.outcome.reset_ms;
                 self.until.update(&op.counter, |_| ((), until));

@@ -17,7 +17,7 @@ pub fn window(counter: &str, window: u64) -> String {
 }
 
 /// The keys a script call of `algorithm` reads at `now`: the first, and for a sliding window
-/// the previous window's. A period longer than the time since the epoch has no previous
+/// the previous window's (for a concurrency counter, its slot ids). A period longer than the time since the epoch has no previous
 /// window; a key that is never written stands in for it, so it cannot alias this window's.
 pub fn for_call(
     counter: &str,
@@ -28,6 +28,11 @@ pub fn for_call(
     let start = now - now % period;
     match algorithm {
         Algorithm::TokenBucket => (format!("sluice:{{{counter}}}:tb"), None),
+        // The slots (a sorted set) and the last slot id handed out, in one slot of a cluster.
+        Algorithm::Concurrent => (
+            format!("sluice:{{{counter}}}:slots"),
+            Some(format!("sluice:{{{counter}}}:seq")),
+        ),
         Algorithm::FixedWindow => (window(counter, start), None),
         Algorithm::SlidingWindow => (
             window(counter, start),

@@ -12,7 +12,8 @@
 
 use super::algorithm::{self, CounterState};
 use super::bounded::BoundedMap;
-use super::{CounterOp, HitMode, Source, Store, StoreFuture};
+use super::concurrency::{self, Slots};
+use super::{Algorithm, CounterOp, HitMode, Source, Store, StoreFuture};
 
 /// One counter's state and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
@@ -22,20 +23,45 @@ struct Entry {
     expires_at: u64,
 }
 
+/// A concurrency counter's slots and when they can be forgotten.
+#[derive(Debug, Clone)]
+struct SlotsEntry {
+    slots: Slots,
+    expires_at: u64,
+}
+
 #[derive(Debug)]
 pub struct MemoryStore {
     counters: BoundedMap<Entry>,
+    /// `concurrent` counters, apart: their state is a list of slots, not a few numbers, so
+    /// windowed counters keep their copyable state.
+    slots: BoundedMap<SlotsEntry>,
 }
 
 impl MemoryStore {
+    /// Holds at most `max_entries` windowed counters, and as many concurrency counters.
     pub fn new(max_entries: usize) -> Self {
         Self {
             counters: BoundedMap::new(max_entries),
+            slots: BoundedMap::new(max_entries),
         }
     }
 
     /// Applies one op at `now` and fills its outcome.
     pub fn apply_one(&self, op: &mut CounterOp, now: u64) {
+        if op.algorithm == Algorithm::Concurrent {
+            let (outcome, change) = self.slots.update(&op.counter, |prev| {
+                let prev = prev.filter(|e| e.expires_at > now).map(|e| &e.slots);
+                let (outcome, slots, change) =
+                    concurrency::concurrent(prev, now, &op.threshold, op.hits, op.mode);
+                let expires_at = slots.expires_at(now);
+                ((outcome, change), SlotsEntry { slots, expires_at })
+            });
+            op.outcome = outcome;
+            op.granted = change.moved;
+            op.expired = change.expired;
+            return;
+        }
         let lease = op.block > 0 && op.hits > 0 && op.mode == HitMode::Take;
         (op.outcome, op.granted) = self.counters.update(&op.counter, |prev| {
             // State past its expiry is as good as absent (the sweeper may not have run yet).
@@ -54,11 +80,11 @@ impl MemoryStore {
 
     /// Drops every counter whose state expired at `now`. Run periodically by the server.
     pub fn sweep(&self, now: u64) -> usize {
-        self.counters.retain(|e| e.expires_at > now)
+        self.counters.retain(|e| e.expires_at > now) + self.slots.retain(|e| e.expires_at > now)
     }
 
     pub fn len(&self) -> usize {
-        self.counters.len()
+        self.counters.len() + self.slots.len()
     }
 
     /// The most counters it holds.
@@ -67,11 +93,11 @@ impl MemoryStore {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty()
+        self.len() == 0
     }
 
     pub fn rejected_inserts(&self) -> u64 {
-        self.counters.refused()
+        self.counters.refused() + self.slots.refused()
     }
 }
 

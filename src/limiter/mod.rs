@@ -14,6 +14,7 @@ pub mod algorithm;
 pub mod backend;
 pub mod bounded;
 pub mod cache;
+pub mod concurrency;
 pub mod fallback;
 pub mod keys;
 pub mod lease;
@@ -24,7 +25,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use crate::limits::{
-    Algorithm, DEFAULT_STORE_TIMEOUT, FallbackMode, Lease, MAX_PERIOD_MS, Threshold, Unit,
+    Algorithm, DEFAULT_MAX_HOLD, DEFAULT_STORE_TIMEOUT, FallbackMode, Lease, MAX_PERIOD_MS,
+    Threshold, Unit,
 };
 
 /// Where an answer came from: `dynamic_metadata.source`, the `X-Sluice-Fallback` header, the
@@ -122,8 +124,11 @@ pub struct CounterOp {
     /// more than the counter has left) and report in `granted` how many were taken. Only
     /// [`lease`] sets it, and only for `fixed_window` and `token_bucket`.
     pub block: u64,
-    /// Hits the store took for this op: `hits` (or a lease's block) when admitted, else 0.
+    /// Hits the store took for this op: `hits` (or a lease's block) when admitted, else 0;
+    /// for a `concurrent` counter, the slots taken (admitted or not) or given back.
     pub granted: u64,
+    /// Slots of a `concurrent` counter this call found expired (their give-back never came).
+    pub expired: u64,
 }
 
 impl CounterOp {
@@ -145,6 +150,7 @@ impl CounterOp {
             source: Source::Pending,
             block: 0,
             granted: 0,
+            expired: 0,
         }
     }
 }

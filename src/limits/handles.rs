@@ -32,6 +32,10 @@ pub struct DomainHandles {
 pub struct RouteHandles {
     pub rules: Vec<DecisionHandles>,
     pub override_decisions: DecisionHandles,
+    /// Slots of the route's `concurrent` limits: in use (a gauge this replica moves by what
+    /// its calls took, gave back and found expired) and expired.
+    pub slots_in_use: OnceLock<metrics::Gauge>,
+    pub slots_expired: OnceLock<metrics::Counter>,
 }
 
 impl RouteHandles {
@@ -39,6 +43,8 @@ impl RouteHandles {
         Self {
             rules: (0..rules).map(|_| DecisionHandles::default()).collect(),
             override_decisions: DecisionHandles::default(),
+            slots_in_use: OnceLock::new(),
+            slots_expired: OnceLock::new(),
         }
     }
 }

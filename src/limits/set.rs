@@ -123,6 +123,9 @@ pub struct RouteSettings {
     pub fallback: Setting<FallbackMode>,
     /// Whether hits are taken from the store in blocks ([`Lease`]); `off` counts each one.
     pub lease: Setting<Lease>,
+    /// How long a `concurrent` slot is held when its give-back never comes.
+    #[serde(serialize_with = "serialize_duration_setting")]
+    pub max_hold: Setting<Duration>,
 }
 
 fn serialize_duration_setting<S: serde::Serializer>(
@@ -351,6 +354,14 @@ impl RouteLimits {
 
 impl Rule {
     pub fn to_json(&self) -> serde_json::Value {
+        if self.threshold.concurrent {
+            // No window: slots are held for the route's `max_hold`, shown with its settings.
+            return serde_json::json!({
+                "name": self.name,
+                "id": self.id,
+                "concurrent": self.threshold.limit,
+            });
+        }
         serde_json::json!({
             "name": self.name,
             "id": self.id,

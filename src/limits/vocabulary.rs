@@ -51,6 +51,9 @@ pub struct Threshold {
     pub multiplier: u32,
     /// Token bucket capacity; `None` means `limit`.
     pub burst: Option<u64>,
+    /// `concurrent: N`: at most `limit` requests in flight, each slot held at most one period
+    /// (the route's `max_hold`), instead of `limit` per window.
+    pub concurrent: bool,
 }
 
 impl Threshold {
@@ -60,6 +63,7 @@ impl Threshold {
             unit,
             multiplier: 1,
             burst: None,
+            concurrent: false,
         }
     }
 
@@ -102,6 +106,10 @@ pub enum Algorithm {
     FixedWindow,
     SlidingWindow,
     TokenBucket,
+    /// Requests in flight (a `concurrent: N` threshold), whatever the route's algorithm: set
+    /// by the request path, never written in a file.
+    #[serde(skip_deserializing)]
+    Concurrent,
 }
 
 impl Algorithm {
@@ -110,6 +118,7 @@ impl Algorithm {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
             Algorithm::TokenBucket => "token_bucket",
+            Algorithm::Concurrent => "concurrent",
         }
     }
 }
@@ -194,6 +203,11 @@ pub enum HeaderStyle {
 /// and then lets the request through uncounted, so the store must be given up on well before
 /// that: 10 ms leaves the other half for the fallback, the network and scheduling.
 pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The `max_hold` of a route that sets none: how long a `concurrent` slot is held when its
+/// give-back never comes. Long enough for slow requests (LLM answers, uploads), short enough
+/// that slots lost to an Envoy crash come back within a minute.
+pub const DEFAULT_MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The `rejected_code` of a route that sets none (nor do its ancestors or `defaults`).
 pub const DEFAULT_REJECTED_CODE: u16 = 429;

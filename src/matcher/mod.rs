@@ -186,6 +186,7 @@ fn override_threshold(o: &RateLimitOverride) -> Option<Threshold> {
         unit,
         multiplier: o.unit_multiplier.unwrap_or(1).max(1),
         burst: None,
+        concurrent: false,
     })
 }
 

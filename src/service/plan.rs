@@ -6,7 +6,7 @@
 //! index, never by counting along two lists.
 
 use crate::limiter::{CounterOp, HitMode, OpPolicy, Outcome, Source};
-use crate::limits::Domain;
+use crate::limits::{Algorithm, DEFAULT_MAX_HOLD, Domain};
 use crate::matcher::{self, Matched, apply_replaces};
 use crate::metrics::Metrics;
 use crate::proto::descriptor::RateLimitDescriptor;
@@ -61,7 +61,17 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                     lease: s.lease.value,
                 })
                 .unwrap_or_default();
-            let algorithm = settings.map(|s| s.algorithm.value).unwrap_or_default();
+            let mut algorithm = settings.map(|s| s.algorithm.value).unwrap_or_default();
+            let mut threshold = m.threshold;
+            let mut hits = hits;
+            if threshold.concurrent {
+                // Slots, whatever the route's algorithm, held for its `max_hold`; more hits
+                // than the limit and one decide nothing more, and would only store slots.
+                algorithm = Algorithm::Concurrent;
+                let hold = settings.map_or(DEFAULT_MAX_HOLD, |s| s.max_hold.value);
+                threshold.multiplier = u32::try_from(hold.as_secs().max(1)).unwrap_or(u32::MAX);
+                hits = hits.min(threshold.limit.saturating_add(1));
+            }
             let first = ops.len();
             // Each further limit on the key counts apart, on a counter of its own period.
             for threshold in m.more {
@@ -76,13 +86,14 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                     source: Source::Pending,
                     block: 0,
                     granted: 0,
+                    expired: 0,
                 });
             }
             ops.push(CounterOp {
                 // The response needs only the rule and route, so the id moves, not copies.
                 counter: std::mem::take(&mut m.counter),
                 algorithm,
-                threshold: m.threshold,
+                threshold,
                 hits,
                 mode,
                 policy,
@@ -90,6 +101,7 @@ pub fn plan<'a>(domain: &'a Domain, request: &RateLimitRequest, metrics: &Metric
                 source: Source::Pending,
                 block: 0,
                 granted: 0,
+                expired: 0,
             });
             op = Some((first, ops.len() - first));
         }

@@ -8,7 +8,7 @@ use tracing::debug;
 use super::Answer;
 use super::headers::{self, Quota};
 use super::plan::Slot;
-use crate::limiter::{CounterOp, Outcome, Source};
+use crate::limiter::{Algorithm, CounterOp, HitMode, Outcome, Source};
 use crate::limits::{DEFAULT_REJECTED_CODE, DEFAULT_REJECTED_MSG, HeaderStyle, Threshold, Unit};
 use crate::matcher::Matched;
 use crate::metrics::{self as m, Decision, Metrics};
@@ -104,6 +104,9 @@ pub fn respond(
             (false, _) => Decision::Ok,
         };
         metrics.decision(&m.handles.0, [domain, route_name, m.rule], decision);
+        if let Some(route) = m.route {
+            slot_metrics(metrics, route, [domain, route_name], slot, ops);
+        }
         if outcome.over {
             debug!(
                 domain,
@@ -216,6 +219,36 @@ fn rejection<'a>(m: &Matched<'a>) -> (u16, &'a str) {
 
 /// The `route` label of a match: the route's name, the envoyproxy/ratelimit descriptor path,
 /// or `_none` for an override on no route. Configuration names only.
+/// Moves the route's slots-in-use gauge by what the store did for the slot's concurrency ops
+/// (the fallback's local counting is not the store's count, and is left out).
+fn slot_metrics(
+    metrics: &Metrics,
+    route: &crate::limits::Route,
+    labels: [&str; 2],
+    slot: &Slot<'_>,
+    ops: &[CounterOp],
+) {
+    let Some(limits) = slot
+        .op
+        .and_then(|(first, count)| ops.get(first..first + count))
+    else {
+        return;
+    };
+    for op in limits {
+        if op.algorithm != Algorithm::Concurrent
+            || !matches!(op.source, Source::Memory | Source::Redis)
+        {
+            continue;
+        }
+        let (taken, given) = match op.mode {
+            HitMode::Take => (op.granted, 0),
+            HitMode::Give => (0, op.granted),
+        };
+        let handles = (&route.handles.slots_in_use, &route.handles.slots_expired);
+        metrics.slots(handles, labels, taken, given, op.expired);
+    }
+}
+
 fn route_label<'a>(m: &Matched<'a>) -> &'a str {
     m.route
         .map(|r| r.name.as_str())

@@ -59,6 +59,7 @@ pub const fn per_n(limit: u64, unit: Unit, multiplier: u32) -> Threshold {
         unit,
         multiplier,
         burst: None,
+        concurrent: false,
     }
 }
 
@@ -147,17 +148,20 @@ pub fn scenarios() -> Vec<Scenario> {
                 step(t0 + 3, vec![take("c", three_a_minute, 3)]),
             ]
         }),
-        s("zero hits checks without counting", {
-            let t = per(2, Unit::Hour);
-            vec![
-                step(t0, vec![take("c", t, 0)]),
-                step(t0 + 1, vec![take("c", t, 2)]),
-                step(t0 + 2, vec![take("c", t, 0)]),
-                step(t0 + 3, vec![take("c", t, 1)]),
-                step(t0 + 4, vec![take("c", t, 0)]),
-                step(BASE_MS + HOUR, vec![take("c", t, 0)]),
-            ]
-        }),
+        s(
+            "zero hits checks without counting, over once nothing is left",
+            {
+                let t = per(2, Unit::Hour);
+                vec![
+                    step(t0, vec![take("c", t, 0)]),
+                    step(t0 + 1, vec![take("c", t, 2)]),
+                    step(t0 + 2, vec![take("c", t, 0)]),
+                    step(t0 + 3, vec![take("c", t, 1)]),
+                    step(t0 + 4, vec![take("c", t, 0)]),
+                    step(BASE_MS + HOUR, vec![take("c", t, 0)]),
+                ]
+            },
+        ),
         s("more hits than the limit at once, then the next day", {
             let t = per(10, Unit::Day);
             vec![
@@ -309,8 +313,10 @@ impl Model {
             HitMode::Take => count.saturating_add(op.hits),
             HitMode::Give => count.saturating_sub(op.hits),
         };
+        // Zero hits checks whether one more would pass: over when nothing is left.
+        let checking = op.mode == HitMode::Take && op.hits == 0;
         Outcome {
-            over: *count > op.threshold.limit,
+            over: *count > op.threshold.limit || (checking && *count >= op.threshold.limit),
             remaining: op.threshold.limit.saturating_sub(*count),
             reset_ms: window + period - now,
         }

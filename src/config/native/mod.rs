@@ -429,6 +429,23 @@ impl<'a> FileContext<'a> {
                     None
                 }
             });
+        let max_hold = own
+            .max_hold
+            .as_deref()
+            .and_then(|t| match humantime::parse_duration(t) {
+                Ok(d) if d.subsec_nanos() == 0 && (1..=86_400).contains(&d.as_secs()) => Some(d),
+                _ => {
+                    self.error(
+                        at,
+                        format!("{prefix}max_hold"),
+                        format!(
+                            "\"{t}\" is not a hold time: write whole seconds from 1s to 1d, \
+                             like `60s` or `5m`"
+                        ),
+                    );
+                    None
+                }
+            });
         let lease = own.lease.as_ref().and_then(|raw| match raw {
             LeaseRaw::Word(w) if w.eq_ignore_ascii_case("auto") => Some(Lease::Auto),
             LeaseRaw::Word(w) if w.eq_ignore_ascii_case("off") => Some(Lease::Off),
@@ -499,6 +516,12 @@ impl<'a> FileContext<'a> {
                 FallbackMode::Local,
             ),
             lease: pick(lease, own_name, base.map(|b| &b.lease), Lease::Off),
+            max_hold: pick(
+                max_hold,
+                own_name,
+                base.map(|b| &b.max_hold),
+                DEFAULT_MAX_HOLD,
+            ),
         };
         // Reported where the combination is made: a route inheriting both from a base that
         // was already reported is not reported again.

@@ -71,6 +71,43 @@ impl FileContext<'_> {
         at: At<'_>,
         field: &str,
     ) -> Option<(Threshold, Vec<Threshold>)> {
+        if let Some(limit) = raw.concurrent {
+            let rates = [
+                raw.query_per_second,
+                raw.query_per_minute,
+                raw.query_per_hour,
+                raw.query_per_day,
+                raw.requests,
+                raw.burst,
+            ];
+            if rates.iter().any(Option::is_some) || raw.window.is_some() {
+                self.error(
+                    at,
+                    format!("{field}.concurrent"),
+                    "limits requests in flight and stands alone: remove the rates (query_per_*, \
+                     requests, window, burst) from this threshold, or put them on a route or \
+                     rule of their own",
+                );
+                return None;
+            }
+            if !(1..=u64::from(u32::MAX)).contains(&limit) {
+                self.error(
+                    at,
+                    format!("{field}.concurrent"),
+                    format!(
+                        "{limit} is not a number of requests in flight: use 1 to {}",
+                        u32::MAX
+                    ),
+                );
+                return None;
+            }
+            // The period is the route's `max_hold`, set per request from its settings.
+            let threshold = Threshold {
+                concurrent: true,
+                ..Threshold::new(limit, Unit::Second)
+            };
+            return Some((threshold, Vec::new()));
+        }
         let mut set: Vec<(&str, u64, Unit, u32)> = [
             ("query_per_second", raw.query_per_second, Unit::Second),
             ("query_per_minute", raw.query_per_minute, Unit::Minute),
@@ -108,7 +145,7 @@ impl FileContext<'_> {
                 at,
                 field,
                 "no rate: set one of query_per_second, query_per_minute, query_per_hour, \
-                 query_per_day, or requests with window",
+                 query_per_day, requests with window, or concurrent",
             );
             return None;
         }
@@ -158,6 +195,7 @@ impl FileContext<'_> {
                 unit,
                 multiplier,
                 burst: raw.burst,
+                concurrent: false,
             });
         }
         if raw.burst == Some(0) {

@@ -35,6 +35,7 @@ pub struct SettingsRaw {
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
     pub lease: Option<LeaseRaw>,
+    pub max_hold: Option<String>,
 }
 
 /// `lease: auto`, `lease: off` or `lease: <block size>`; checked in [`super`], which can
@@ -66,6 +67,7 @@ pub struct RouteRaw {
     pub timeout: Option<String>,
     pub fallback: Option<FallbackMode>,
     pub lease: Option<LeaseRaw>,
+    pub max_hold: Option<String>,
 }
 
 impl RouteRaw {
@@ -81,6 +83,7 @@ impl RouteRaw {
             timeout: self.timeout.clone(),
             fallback: self.fallback,
             lease: self.lease.clone(),
+            max_hold: self.max_hold.clone(),
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct ThresholdRaw {
     pub requests: Option<u64>,
     pub window: Option<String>,
     pub burst: Option<u64>,
+    /// At most this many requests in flight (alone: no rate, no burst).
+    pub concurrent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +135,7 @@ pub struct LimitKeyRaw {
     pub requests: Option<u64>,
     pub window: Option<String>,
     pub burst: Option<u64>,
+    pub concurrent: Option<u64>,
 }
 
 impl LimitKeyRaw {
@@ -142,6 +148,7 @@ impl LimitKeyRaw {
             requests: self.requests,
             window: self.window.clone(),
             burst: self.burst,
+            concurrent: self.concurrent,
         }
     }
 }

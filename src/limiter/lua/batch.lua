@@ -1,13 +1,14 @@
 -- batch: runs many counter calls in one script, each by its algorithm's function above (the
--- three algorithm scripts, each wrapped as `local function name(KEYS, ARGV) ... end`).
+-- four algorithm scripts, each wrapped as `local function name(KEYS, ARGV) ... end`).
 --
 -- ARGV[1]  the number of calls; then per call:
---          algorithm (1 fixed_window, 2 sliding_window, 3 token_bucket), number of keys,
+--          algorithm (1 fixed_window, 2 sliding_window, 3 token_bucket, 4 concurrent), number of keys,
 --          limit, period ms, now ms, hits, 1 to give back / 0 to take, burst, lease block
 -- KEYS     every call's keys, in call order
 --
--- Returns one { over, remaining, reset_ms[, hits taken] } per call, in call order.
-local algorithms = { fixed_window, sliding_window, token_bucket }
+-- Returns one { over, remaining, reset_ms[, hits taken[, slots expired]] } per call, in call
+-- order.
+local algorithms = { fixed_window, sliding_window, token_bucket, concurrent }
 local out = {}
 local k = 1
 local a = 2

@@ -54,7 +54,8 @@ else
   end
 end
 local over = 0
-if count > limit then
+-- A check (zero hits) is over when nothing is left.
+if count > limit or (ARGV[5] ~= '1' and hits == 0 and count >= limit) then
   over = 1
 end
 local remaining = limit - count

@@ -40,7 +40,8 @@ if ARGV[5] == '1' then
 end
 
 local after = estimate + hits
-if after <= limit then
+-- A check (zero hits) passes only when one more hit would.
+if estimate + math.max(hits, 1) <= limit then
   if hits > 0 then
     redis.call('INCRBY', KEYS[1], ARGV[4])
     -- It still matters as the previous window of the next one.
@@ -51,7 +52,7 @@ end
 
 -- Over: the first ms at which the decaying previous window lets the hits pass.
 local reset = to_end
-local need = limit - curr - hits
+local need = limit - curr - math.max(hits, 1)
 if need >= 0 and prev > 0 then
   local at = math.ceil(period - need * period / prev)
   if at < 0 then

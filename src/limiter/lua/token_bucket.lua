@@ -64,10 +64,12 @@ if block > 0 and hits > 0 then
   end
 end
 local next_tat = tat + cost
-if next_tat - now_us <= capacity then
+-- A check (zero hits) passes only when a whole token is there.
+local judged = tat + math.max(hits, 1) * interval
+if judged - now_us <= capacity then
   store(next_tat)
   local used = next_tat - now_us
   return { 0, math.floor((capacity - used) / interval), to_ms(used), hits }
 end
 local used = tat - now_us
-return { 1, math.floor(math.max(capacity - used, 0) / interval), to_ms(next_tat - capacity - now_us), 0 }
+return { 1, math.floor(math.max(capacity - used, 0) / interval), to_ms(judged - capacity - now_us), 0 }

@@ -30,9 +30,9 @@ use crate::limiter::{Algorithm, CounterOp, HitMode, keys};
 /// so it is kept to about a millisecond of script time.
 const MAX_CALLS: usize = 256;
 
-/// The batch script: the three algorithm scripts as local functions, and a loop over the
+/// The batch script: the four algorithm scripts as local functions, and a loop over the
 /// calls. `ARGV[1]` is the number of calls; each call then has its algorithm (1 fixed window,
-/// 2 sliding window, 3 token bucket), its number of keys and its seven arguments (limit,
+/// 2 sliding window, 3 token bucket, 4 concurrent), its number of keys and its seven arguments (limit,
 /// period ms, now ms, hits, 1 to give back, burst, lease block or 0); `KEYS` holds every
 /// call's keys in order.
 pub fn script() -> String {
@@ -50,6 +50,10 @@ pub fn script() -> String {
     lua.push_str(&function(
         "token_bucket",
         include_str!("../lua/token_bucket.lua"),
+    ));
+    lua.push_str(&function(
+        "concurrent",
+        include_str!("../lua/concurrent.lua"),
     ));
     lua.push_str(include_str!("../lua/batch.lua"));
     lua
@@ -74,6 +78,7 @@ impl Call {
                 Algorithm::FixedWindow => 1,
                 Algorithm::SlidingWindow => 2,
                 Algorithm::TokenBucket => 3,
+                Algorithm::Concurrent => 4,
             },
             args: [
                 op.threshold.limit,

@@ -365,9 +365,10 @@ fn store_error(e: &Error) -> StoreError {
     }
 }
 
-/// Reads a script's `{ over, remaining, reset_ms[, hits taken] }` reply; anything else is a
-/// bad reply. Without the fourth value (sliding window), an admitted take took its hits.
-fn outcome(value: Value) -> Result<(Outcome, Option<u64>), StoreError> {
+/// Reads a script's `{ over, remaining, reset_ms[, hits taken[, slots expired]] }` reply;
+/// anything else is a bad reply. Without the fourth value (sliding window), an admitted take
+/// took its hits.
+fn outcome(value: Value) -> Result<(Outcome, Option<u64>, u64), StoreError> {
     let bad = |what: &str| {
         StoreError::BadReply(format!("expected {{over, remaining, reset}}, got {what}"))
     };
@@ -378,9 +379,12 @@ fn outcome(value: Value) -> Result<(Outcome, Option<u64>), StoreError> {
         .iter()
         .map(|v| v.as_i64().ok_or_else(|| bad(&v.kind().to_string())))
         .collect::<Result<_, _>>()?;
-    let (over, remaining, reset, taken) = match ints.as_slice() {
-        [over, remaining, reset] => (*over, *remaining, *reset, None),
-        [over, remaining, reset, taken] => (*over, *remaining, *reset, Some(*taken)),
+    let (over, remaining, reset, taken, expired) = match ints.as_slice() {
+        [over, remaining, reset] => (*over, *remaining, *reset, None, 0),
+        [over, remaining, reset, taken] => (*over, *remaining, *reset, Some(*taken), 0),
+        [over, remaining, reset, taken, expired] => {
+            (*over, *remaining, *reset, Some(*taken), *expired)
+        }
         _ => return Err(bad(&format!("{} integers", ints.len()))),
     };
     Ok((
@@ -390,6 +394,7 @@ fn outcome(value: Value) -> Result<(Outcome, Option<u64>), StoreError> {
             reset_ms: u64::try_from(reset).unwrap_or(0),
         },
         taken.map(|t| u64::try_from(t).unwrap_or(0)),
+        u64::try_from(expired).unwrap_or(0),
     ))
 }
 
@@ -424,8 +429,9 @@ impl Store for RedisStore {
                 ));
             }
             for (op, reply) in ops.iter_mut().zip(replies) {
-                let (answer, taken) = outcome(reply.map_err(|e| store_error(&e))?)?;
+                let (answer, taken, expired) = outcome(reply.map_err(|e| store_error(&e))?)?;
                 op.outcome = answer;
+                op.expired = expired;
                 op.granted = taken.unwrap_or(if op.mode == super::HitMode::Take && !answer.over {
                     op.hits
                 } else {
