@@ -179,7 +179,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
     let algorithm = prop_oneof![
         Just(Algorithm::FixedWindow),
         Just(Algorithm::SlidingWindow),
-        Just(Algorithm::TokenBucket)
+        Just(Algorithm::TokenBucket),
+        Just(Algorithm::Concurrent)
     ];
     let unit = prop_oneof![Just(Unit::Second), Just(Unit::Minute), Just(Unit::Hour)];
     (
@@ -205,8 +206,16 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             // A sliding window is never leased (the configuration refuses it).
             steps: steps
                 .into_iter()
-                .map(|(ms, hits, give, block)| {
-                    let leasable = algorithm != Algorithm::SlidingWindow;
+                .enumerate()
+                .map(|(i, (ms, hits, give, block))| {
+                    let leasable =
+                        matches!(algorithm, Algorithm::FixedWindow | Algorithm::TokenBucket);
+                    // Slots are given back about as often as they are taken.
+                    let give = if algorithm == Algorithm::Concurrent {
+                        i % 2 == 1 || give
+                    } else {
+                        give
+                    };
                     (ms, hits, give, if leasable { block } else { 0 })
                 })
                 .collect(),
@@ -225,15 +234,17 @@ fn memory_and_redis_agree_on_every_step_for_every_algorithm_leased_or_not() {
         }))
         .expect("connect to the test redis");
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 150,
+        cases: 200,
         failure_persistence: None,
         ..ProptestConfig::default()
     });
     let cases = std::sync::atomic::AtomicU64::new(0);
     let result = runner.run(&scenario(), |s| {
         let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // A concurrency counter's period is its max_hold (1 s, 1 min or 1 h here).
         let threshold = Threshold {
             burst: s.burst,
+            concurrent: s.algorithm == Algorithm::Concurrent,
             ..Threshold::new(s.limit, s.unit)
         };
         let memory = MemoryStore::new(1_000);
@@ -253,8 +264,16 @@ fn memory_and_redis_agree_on_every_step_for_every_algorithm_leased_or_not() {
                 .expect("memory");
             rt.block_on(redis.apply(&mut in_redis, now)).expect("redis");
             prop_assert_eq!(
-                (in_memory[0].outcome, in_memory[0].granted),
-                (in_redis[0].outcome, in_redis[0].granted),
+                (
+                    in_memory[0].outcome,
+                    in_memory[0].granted,
+                    in_memory[0].expired
+                ),
+                (
+                    in_redis[0].outcome,
+                    in_redis[0].granted,
+                    in_redis[0].expired
+                ),
                 "step {} of {:?} at now={}",
                 i,
                 s,

@@ -28,13 +28,11 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// When the state stops mattering: when its last slot expires.
+    /// When the state can be swept: a second after its last slot expires (as its Redis key
+    /// lives), so a call in between still finds and counts the expired slots.
     pub fn expires_at(&self, now: u64) -> u64 {
-        self.expiries
-            .last()
-            .copied()
-            .unwrap_or(now + 1)
-            .max(now + 1)
+        let last = self.expiries.last().copied().unwrap_or(now);
+        last.max(now).saturating_add(1_000)
     }
 }
 

@@ -51,7 +51,8 @@ impl MemoryStore {
     pub fn apply_one(&self, op: &mut CounterOp, now: u64) {
         if op.algorithm == Algorithm::Concurrent {
             let (outcome, change) = self.slots.update(&op.counter, |prev| {
-                let prev = prev.filter(|e| e.expires_at > now).map(|e| &e.slots);
+                // Expired slots are dropped (and counted) by the function itself, as Redis does.
+                let prev = prev.map(|e| &e.slots);
                 let (outcome, slots, change) =
                     concurrency::concurrent(prev, now, &op.threshold, op.hits, op.mode);
                 let expires_at = slots.expires_at(now);
