@@ -29,6 +29,14 @@ const KNOWN_EXAMPLES: &[(&str, &str)] = &[
         "limits_examples_load_and_define_the_documented_routes",
     ),
     (
+        "config/limits/inflight.yaml",
+        "limits_examples_load_and_define_the_documented_routes",
+    ),
+    (
+        "config/envoy/stream-end.yaml",
+        "tests/envoy_stream_end.rs: every test runs the real Envoy with it",
+    ),
+    (
         "config/limits-envoy/ratelimit.yaml",
         "envoyproxy_ratelimit_example_loads_in_that_format_as_its_comments_say",
     ),
@@ -92,6 +100,10 @@ fn limits_examples_load_and_define_the_documented_routes() {
             "partners",
             ("partners.yaml", BTreeSet::from(["reports", "exports"])),
         ),
+        (
+            "inflight",
+            ("inflight.yaml", BTreeSet::from(["slow", "per-user", "llm"])),
+        ),
     ]
     .into_iter()
     .collect();
@@ -113,7 +125,7 @@ fn limits_examples_load_and_define_the_documented_routes() {
     assert!(!set.domain("partners").unwrap().allow_limit_override);
 
     // Each file also loads alone, as `sluice check <file>` would.
-    for file in ["edge.yaml", "partners.yaml"] {
+    for file in ["edge.yaml", "partners.yaml", "inflight.yaml"] {
         let path = repo().join("config/limits").join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         if let Err(errors) = parse_file(&path, &text) {

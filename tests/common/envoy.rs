@@ -77,7 +77,19 @@ pub fn envoy_config(
     failure_mode_deny: bool,
     edit: impl FnOnce(String) -> String,
 ) -> String {
-    let text = std::fs::read_to_string(repo_path(ENVOY_CONFIG)).expect("read the Envoy bootstrap");
+    bootstrap(ENVOY_CONFIG, ports, failure_mode_deny, edit)
+}
+
+/// Another shipped bootstrap (`path` from the repository root, written with the same ports
+/// and settings as `config/envoy/envoy.yaml`), edited the same way.
+pub fn bootstrap(
+    path: &str,
+    ports: &Ports,
+    failure_mode_deny: bool,
+    edit: impl FnOnce(String) -> String,
+) -> String {
+    let text = std::fs::read_to_string(repo_path(path))
+        .unwrap_or_else(|e| panic!("read the Envoy bootstrap {path}: {e}"));
     let text = replace_once(
         &text,
         "port_value: 9901",
@@ -182,6 +194,11 @@ impl Envoy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its HTTP listener, for requests sent from tasks of their own.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.listener))
+    }
+
     /// `GET path` on Envoy's listener with `host: localhost` and `headers`, as a user would
     /// send it; panics, with Envoy's log, when there is no complete answer.
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
@@ -230,6 +247,56 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An HTTP/1.1 upstream that answers as each request asks: after `x-delay-ms` milliseconds
+/// (default none), with `x-tokens-used: <x-cost>` when the request carries `x-cost`. For
+/// limits charged at stream end: a slow request holds its slot, a response names its cost.
+/// Returns its port; it runs until the runtime ends.
+pub async fn start_scripted_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("upstream addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let read_head = async {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65_536 {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return None,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    Some(String::from_utf8_lossy(&seen).to_ascii_lowercase())
+                };
+                let Ok(Some(head)) = tokio::time::timeout(Duration::from_secs(10), read_head).await
+                else {
+                    return;
+                };
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                        .map(|v| v.trim().to_string())
+                };
+                if let Some(ms) = header("x-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+                }
+                let cost = header("x-cost")
+                    .map(|c| format!("x-tokens-used: {c}\r\n"))
+                    .unwrap_or_default();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{cost}\
+                     content-length: 8\r\nconnection: close\r\n\r\nupstream"
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
 }
 
 /// An HTTP/1.1 server answering 200 "upstream" (Connection: close) to any request: what Envoy

@@ -273,16 +273,25 @@ pub struct LiveSluice {
 
 impl LiveSluice {
     pub async fn start(limits: &[(&str, &str)]) -> Self {
+        Self::start_with(limits, |_| {}).await
+    }
+
+    /// The same, `configure` changing the settings (a Redis backend, say).
+    pub async fn start_with(
+        limits: &[(&str, &str)],
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         for (name, text) in limits {
             std::fs::write(dir.path().join(name), text).expect("write limits");
         }
-        let settings = Settings {
+        let mut settings = Settings {
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
             limits_dir: dir.path().to_path_buf(),
             ..Settings::default()
         };
+        configure(&mut settings);
         let handle = start(&settings, Arc::new(SystemClock))
             .await
             .unwrap_or_else(|e| panic!("sluice did not start: {e}"));
@@ -294,6 +303,11 @@ impl LiveSluice {
 
     pub fn grpc_port(&self) -> u16 {
         self.handle.as_ref().expect("running").grpc_addr.port()
+    }
+
+    /// Its HTTP address (`/metrics`, `/config`).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.handle.as_ref().expect("running").http_addr
     }
 
     /// Stops sluice: its port refuses connections afterwards.
