@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::cluster::RedisCluster;
 use common::config::{Expect, assert_error, domain_of, errors_of, find, line_of, route};
 use common::http::get;
 use common::metrics::{metric, scrape};
@@ -190,6 +191,19 @@ async fn in_memory_slots_are_taken_held_when_rejected_and_given_back() {
 async fn in_redis_slots_are_taken_held_when_rejected_and_given_back() {
     let redis = RedisServer::start();
     slots_are_taken_held_when_rejected_and_given_back(on_redis(&redis).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_slots_are_taken_held_when_rejected_and_given_back() {
+    let cluster = RedisCluster::start(3);
+    let url = cluster.url();
+    let sluice = Sluice::start_with(&[("inflight.yaml", LIMITS)], move |s| {
+        s.backend = Backend::Redis;
+        s.redis.url = url;
+        s.redis.command_timeout = Duration::from_secs(2);
+    })
+    .await;
+    slots_are_taken_held_when_rejected_and_given_back(sluice).await;
 }
 
 /// 10,000 take/give-back pairs from 8 clients at once, over 4 counters with few slots (so
