@@ -338,33 +338,56 @@ fn log_loaded(limits: &LimitSet) {
 
 /// `sluice serve`: starts, then waits for SIGINT or SIGTERM and shuts down gracefully.
 pub async fn run(settings: Settings) -> Result<(), ServeError> {
+    // Listened for before the ports open: a SIGTERM that comes as soon as they accept must
+    // end the server gracefully, not kill it by the signal's default action.
+    let stop = ShutdownSignal::install();
     let handle = start(&settings, Arc::new(SystemClock)).await?;
-    shutdown_signal().await;
+    stop.wait().await;
     info!("shutting down: finishing in-flight requests");
     handle.shutdown(settings.shutdown_grace).await;
     Ok(())
 }
 
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+    ShutdownSignal::install().wait().await;
+}
+
+/// SIGINT and SIGTERM, registered when made (so none is missed between that and the wait).
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignal {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let signals = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                _ => None,
+            };
+            Self { signals }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        if let Some((mut int, mut term)) = self.signals {
+            tokio::select! {
+                _ = int.recv() => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

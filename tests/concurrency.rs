@@ -329,12 +329,7 @@ routes:
 ";
     std::fs::write(dir.path().join("inflight.yaml"), limits).expect("write limits");
     let sluice = SluiceProcess::spawn(dir.path(), &[]);
-    let channel = Channel::from_shared(format!("http://{}", sluice.grpc_addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = RateLimitServiceClient::new(channel);
+    let mut client = sluice.client().await;
     let mut ask = async |d: RateLimitDescriptor| {
         client
             .should_rate_limit(request("inflight", vec![d]))

@@ -1093,11 +1093,13 @@ fn check_accepts_the_example_limits_with_one_summary_line_per_domain() {
     let (code, stdout, stderr) = sluice_check(&[&dir]);
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].starts_with("ok: domain \"edge\""), "{stdout}");
     assert!(lines[0].contains("5 routes"), "{stdout}");
-    assert!(lines[1].starts_with("ok: domain \"partners\""), "{stdout}");
-    assert!(lines[1].contains("2 routes"), "{stdout}");
+    assert!(lines[1].starts_with("ok: domain \"inflight\""), "{stdout}");
+    assert!(lines[1].contains("3 routes"), "{stdout}");
+    assert!(lines[2].starts_with("ok: domain \"partners\""), "{stdout}");
+    assert!(lines[2].contains("2 routes"), "{stdout}");
 }
 
 #[test]

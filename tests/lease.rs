@@ -15,11 +15,10 @@ use common::config::{
 use common::http::get;
 use common::metrics::{metric, scrape};
 use common::redis::RedisServer;
-use common::rls::{Code, RateLimitServiceClient, desc, metadata, request};
+use common::rls::{Code, desc, metadata, request};
 use common::sluice::{Sluice, SluiceProcess};
 use sluice::config::settings::Backend;
 use sluice::limiter::Lease;
-use tonic::transport::Channel;
 
 // ---------------------------------------------------------------------------------------------
 // The setting.
@@ -239,16 +238,6 @@ const CLIENTS: usize = 12;
 const REQUESTS: usize = 6_000;
 const LIMIT: usize = 3_000;
 
-async fn connect(sluice: &SluiceProcess) -> RateLimitServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", sluice.grpc_addr))
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to sluice: {e}\n{}", sluice.output()));
-    RateLimitServiceClient::new(channel)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_sharing_a_leased_key_never_pass_its_limit_and_rarely_call_redis() {
     let redis = RedisServer::start();
@@ -269,7 +258,7 @@ async fn three_replicas_sharing_a_leased_key_never_pass_its_limit_and_rarely_cal
         .collect();
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        clients.push(connect(&replicas[i % REPLICAS]).await);
+        clients.push(replicas[i % REPLICAS].client().await);
     }
 
     // The whole run must fall in one minute window: start with at least 25 s of it left

@@ -86,16 +86,6 @@ fn setup() -> (RedisServer, SluiceProcess, tempfile::TempDir) {
     (redis, sluice, dir)
 }
 
-async fn client(sluice: &SluiceProcess) -> RateLimitServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", sluice.grpc_addr))
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to sluice: {e}\n{}", sluice.output()));
-    RateLimitServiceClient::new(channel)
-}
-
 /// Waits (at most 15 s) until `route` is answered from Redis.
 async fn until_counted_in_redis(
     client: &mut RateLimitServiceClient<Channel>,
@@ -158,7 +148,7 @@ enum Outage {
 async fn run_outage(outage: Outage, route: &'static str) {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     let (mut redis, sluice, _dir) = setup();
-    let mut warm = client(&sluice).await;
+    let mut warm = sluice.client().await;
     until_counted_in_redis(&mut warm, &sluice, route).await;
 
     let start = tokio::time::Instant::now();
@@ -170,7 +160,7 @@ async fn run_outage(outage: Outage, route: &'static str) {
     // Several clients, each on its own HTTP/2 connection, as several Envoys would be.
     let mut clients = Vec::new();
     for _ in 0..WORKERS {
-        clients.push(client(&sluice).await);
+        clients.push(sluice.client().await);
     }
     let workers: Vec<_> = (0..WORKERS)
         .zip(clients)
@@ -438,7 +428,7 @@ async fn redis_killed_and_restarted_under_load_with_leases_no_request_fails_or_w
 async fn with_redis_down_each_fallback_mode_answers_as_configured() {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     let (mut redis, sluice, _dir) = setup();
-    let mut client = client(&sluice).await;
+    let mut client = sluice.client().await;
     for route in ["allow", "deny", "error"] {
         until_counted_in_redis(&mut client, &sluice, route).await;
     }

@@ -300,37 +300,8 @@ pub async fn start_scripted_upstream() -> u16 {
 }
 
 /// An HTTP/1.1 server answering 200 "upstream" (Connection: close) to any request: what Envoy
-/// forwards the requests it lets through to. Returns its port; it runs until the runtime ends.
+/// forwards the requests it lets through to ([`start_scripted_upstream`] asked for nothing
+/// more). Returns its port; it runs until the runtime ends.
 pub async fn start_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream");
-    let port = listener.local_addr().expect("upstream addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                let read_head = async {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65_536 {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return false,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    true
-                };
-                if let Ok(true) = tokio::time::timeout(Duration::from_secs(10), read_head).await {
-                    let _ = socket
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\
-                              content-length: 8\r\nconnection: close\r\n\r\nupstream",
-                        )
-                        .await;
-                    let _ = socket.shutdown().await;
-                }
-            });
-        }
-    });
-    port
+    start_scripted_upstream().await
 }

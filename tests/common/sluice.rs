@@ -391,6 +391,17 @@ impl SluiceProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// A gRPC client on a connection of its own (as one Envoy would have).
+    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to sluice: {e}\n{}", self.output()));
+        RateLimitServiceClient::new(channel)
+    }
+
     /// Sends `signal` (`TERM`, ...) to the process.
     pub fn signal(&self, signal: &str) {
         send_signal(self.pid().expect("sluice running"), signal);
