@@ -52,7 +52,14 @@ impl Stalls {
     /// summed over the processes (a request crosses all of them), at most the span. Sampled,
     /// so the span is widened to the samples around it.
     pub fn explained(&self, from: Duration, to: Duration) -> Duration {
-        let before = self.samples.iter().rev().find(|(t, _)| *t <= from);
+        // A span that starts before the first sample (the run's first second, looked at with
+        // `RECENTLY` before it) is judged from the first sample on, not as unexplained.
+        let before = self
+            .samples
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= from)
+            .or(self.samples.first());
         let after = self.samples.iter().find(|(t, _)| *t >= to);
         let (Some((_, a)), Some((_, b))) = (before, after) else {
             return Duration::ZERO;
