@@ -359,3 +359,51 @@ routes:
     );
     assert_eq!(ask(desc(&slow)).await, Code::Ok as i32);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A give-back never fails, whatever the fallback.
+
+#[tokio::test]
+async fn with_redis_down_a_give_back_is_answered_ok_in_every_fallback_mode() {
+    let limits = "\
+domain: inflight
+routes:
+  - name: error
+    fallback: error
+    global_threshold: { concurrent: 2 }
+  - name: deny
+    fallback: deny
+    global_threshold: { concurrent: 2 }
+";
+    // A loopback port nothing listens on: Redis is down from the start.
+    let port = common::free_port();
+    let mut sluice = Sluice::start_with(&[("inflight.yaml", limits)], move |s| {
+        s.backend = Backend::Redis;
+        s.redis.url = format!("redis://127.0.0.1:{port}");
+        s.redis.connect_timeout = Duration::from_millis(100);
+    })
+    .await;
+    for route in ["error", "deny"] {
+        let pairs = [("route", route)];
+        let back = sluice.send(request("inflight", vec![give(&pairs)])).await;
+        assert_eq!(
+            back.map(|r| r.overall_code).map_err(|s| s.code()),
+            Ok(Code::Ok as i32),
+            "{route}: a give-back while Redis is down"
+        );
+    }
+    // Takes still follow their mode: `error` fails (Envoy's failure_mode_deny decides), `deny`
+    // rejects.
+    let take = sluice
+        .send(request("inflight", vec![desc(&[("route", "error")])]))
+        .await;
+    assert_eq!(
+        take.map_err(|s| s.code()).err(),
+        Some(tonic::Code::Unavailable)
+    );
+    assert_eq!(
+        code(&mut sluice, desc(&[("route", "deny")])).await,
+        Code::OverLimit
+    );
+    sluice.stop().await;
+}

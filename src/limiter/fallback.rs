@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::backend::Remote;
 use super::memory::MemoryStore;
-use super::{CounterOp, FallbackMode, Outcome, Source, Store, StoreError, StoreFuture};
+use super::{CounterOp, FallbackMode, HitMode, Outcome, Source, Store, StoreError, StoreFuture};
 use crate::metrics::{self, Metrics};
 
 #[derive(Debug, Clone, Copy)]
@@ -134,11 +134,14 @@ impl Fallback {
         }
     }
 
-    /// Answers every op by its route's fallback mode; `error` in any of them fails the batch.
+    /// Answers every op by its route's fallback mode; `error` in any take fails the batch.
+    ///
+    /// A give-back (`is_negative_hits`, sent by Envoy at stream end) is never failed: nothing
+    /// waits on its answer, so under `error` it is answered OK, as `allow` would.
     fn answer(&self, ops: &mut [CounterOp], now: u64, error: StoreError) -> Result<(), StoreError> {
         if ops
             .iter()
-            .any(|op| op.policy.fallback == FallbackMode::Error)
+            .any(|op| op.policy.fallback == FallbackMode::Error && op.mode == HitMode::Take)
         {
             return Err(StoreError::Declined(Box::new(error)));
         }
@@ -156,17 +159,14 @@ impl Fallback {
                     self.local.apply_one(op, now);
                     op.threshold = configured;
                 }
-                FallbackMode::Allow => {
+                // `allow` admits; `deny` and `error` reject, but a give-back is answered OK
+                // in every mode: nothing waits on it.
+                FallbackMode::Allow | FallbackMode::Deny | FallbackMode::Error => {
+                    let admit =
+                        op.policy.fallback == FallbackMode::Allow || op.mode == HitMode::Give;
                     op.outcome = Outcome {
-                        over: false,
-                        remaining: op.threshold.limit,
-                        reset_ms,
-                    }
-                }
-                FallbackMode::Deny | FallbackMode::Error => {
-                    op.outcome = Outcome {
-                        over: true,
-                        remaining: 0,
+                        over: !admit,
+                        remaining: if admit { op.threshold.limit } else { 0 },
                         reset_ms,
                     }
                 }
