@@ -71,6 +71,21 @@ struct Block {
     refill_until: u64,
 }
 
+impl Block {
+    /// The counter's block as it stands at `now`: a new one for a counter seen for the first
+    /// time, and nothing left in one whose window has ended.
+    fn at(held: Option<&Block>, now: u64) -> Block {
+        let mut b = held.copied().unwrap_or(Block {
+            since: now,
+            ..Block::default()
+        });
+        if b.until <= now {
+            b.left = 0;
+        }
+        b
+    }
+}
+
 /// What one op does next.
 enum Step {
     /// Admitted from the block.
@@ -142,13 +157,7 @@ impl Leasing {
     fn step(&self, op: &CounterOp, now: u64, first: bool, may_wait: bool) -> Step {
         let timeout_ms = (op.policy.timeout.as_millis() as u64).max(1);
         let found = self.blocks.update(&op.counter, |held| {
-            let mut b = held.copied().unwrap_or(Block {
-                since: now,
-                ..Block::default()
-            });
-            if b.until <= now {
-                b.left = 0;
-            }
+            let mut b = Block::at(held, now);
             if first {
                 b.demand = b.demand.saturating_add(op.hits);
             }
@@ -183,13 +192,7 @@ impl Leasing {
             _ => now + answer.reset_ms,
         };
         let left = self.blocks.update(&op.counter, |held| {
-            let mut b = held.copied().unwrap_or(Block {
-                since: now,
-                ..Block::default()
-            });
-            if b.until <= now {
-                b.left = 0;
-            }
+            let mut b = Block::at(held, now);
             b.refill_until = 0;
             if !answer.over {
                 b.left = b.left.saturating_add(keep);
