@@ -42,6 +42,18 @@ pub const LEASES: &str = "sluice_leases_total";
 pub const LEASED_HITS: &str = "sluice_leased_hits_total";
 /// Hits admitted from a leased block, without a store call.
 pub const LEASE_ADMITTED: &str = "sluice_lease_admitted_hits_total";
+/// RLQS streams open now (Envoy's rate_limit_quota filter).
+pub const RLQS_STREAMS: &str = "sluice_rlqs_streams";
+/// RLQS buckets the open streams hold.
+pub const RLQS_BUCKETS: &str = "sluice_rlqs_buckets";
+/// RLQS bucket actions sent, by kind (token_bucket, deny_all, allow_all, abandon).
+pub const RLQS_ASSIGNMENTS: &str = "sluice_rlqs_assignments_total";
+/// Requests Envoys reported, by domain, route and result (allowed, denied).
+pub const RLQS_REPORTED: &str = "sluice_rlqs_reported_requests_total";
+/// Reports, or parts of one, sluice did not act on, by reason.
+pub const RLQS_IGNORED: &str = "sluice_rlqs_ignored_total";
+/// Shares this replica assigned from what it knows alone, because the store failed.
+pub const RLQS_FALLBACK: &str = "sluice_rlqs_fallback_shares_total";
 
 /// Histogram buckets (seconds) that resolve sub-millisecond answers: 25 µs to 1 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -196,6 +208,22 @@ impl Metrics {
             ),
             (LEASED_HITS, "Hits taken from the store by leases"),
             (
+                RLQS_ASSIGNMENTS,
+                "RLQS bucket actions sent to Envoys, by kind (token_bucket, deny_all, allow_all, abandon)",
+            ),
+            (
+                RLQS_REPORTED,
+                "Requests Envoys reported over RLQS, by domain, route and result (allowed, denied)",
+            ),
+            (
+                RLQS_IGNORED,
+                "RLQS reports or buckets not acted on, by reason",
+            ),
+            (
+                RLQS_FALLBACK,
+                "RLQS shares assigned from this replica's knowledge alone because the store failed",
+            ),
+            (
                 LEASE_ADMITTED,
                 "Hits admitted from a leased block without a store call",
             ),
@@ -221,6 +249,8 @@ impl Metrics {
                 "Unix time of the last successful limits load",
             ),
             (MEMORY_ENTRIES, "Counters held by the memory store"),
+            (RLQS_STREAMS, "RLQS streams open"),
+            (RLQS_BUCKETS, "RLQS buckets held by the open streams"),
         ];
         for (name, help) in gauges {
             r.describe_gauge(name.into(), None, help.into());

@@ -1,4 +1,4 @@
-//! Wiring: builds the store, the limiter, the gRPC and the HTTP servers from [`Settings`],
+//! Wiring: builds the store, the limiter, the gRPC (RLS and RLQS) and the HTTP servers from [`Settings`],
 //! and runs them until a shutdown signal.
 //!
 //! Tests use [`start`] directly with their own clock and port 0; `sluice serve` uses [`run`],
@@ -22,14 +22,17 @@ use crate::limiter::Source;
 use crate::limiter::backend::Backend as LimiterBackend;
 use crate::limiter::fallback::FallbackConfig;
 use crate::limiter::memory::MemoryStore;
+use crate::limiter::quota::{QuotaBackend, QuotaStore};
 use crate::limiter::redis::RedisStore;
 use crate::limits::LimitSet;
 use crate::metrics::Metrics;
 use crate::proto;
+use crate::proto::rlqs::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
 use crate::service::RateLimiter;
 use crate::service::grpc::GrpcService;
 use crate::service::http::{self, HttpState, JsonCodec, Readiness};
+use crate::service::rlqs::{Rlqs, RlqsService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -154,10 +157,13 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 
     // The memory store always exists: it is the backend, or the local fallback.
     let memory = Arc::new(MemoryStore::new(settings.memory.max_entries));
+    // RLQS shares live where the counters do: Redis for a fleet, else this replica alone.
+    let mut shared_quota: Option<Arc<dyn QuotaStore>> = None;
     let backend = Arc::new(match settings.backend {
         settings::Backend::Memory => LimiterBackend::memory(memory),
         settings::Backend::Redis => {
             let redis = Arc::new(RedisStore::connect(&settings.redis).await?);
+            shared_quota = Some(redis.clone());
             // Before the fallback: it may open the breaker at once and set these series.
             metrics.init_series(Source::Redis.as_str());
             LimiterBackend::remote(
@@ -193,6 +199,14 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         .with_shadow_mode(settings.shadow_mode),
     );
 
+    let quota = Arc::new(QuotaBackend::new(shared_quota, settings.memory.max_entries));
+    let rlqs = Arc::new(Rlqs::new(
+        limits.clone(),
+        quota.clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
+
     let sweep_every = settings.memory.sweep_interval;
     let mut sweep_stop = stopped.clone();
     let sweeping = backend.clone();
@@ -205,6 +219,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
                 _ = sweep_stop.wait_for(|stop| *stop) => return,
             }
             sweeping.sweep(sweep_clock.now_ms());
+            quota.sweep(sweep_clock.now_ms());
         }
     });
 
@@ -213,7 +228,12 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 
     let (health_reporter, health, reflection) =
         health_and_reflection::<RateLimitServiceServer<GrpcService>>().await?;
+    health_reporter
+        .set_serving::<RateLimitQuotaServiceServer<RlqsService>>()
+        .await;
     let rls = RateLimitServiceServer::new(GrpcService::new(limiter.clone()))
+        .max_decoding_message_size(settings.request.max_message_bytes);
+    let rlqs = RateLimitQuotaServiceServer::new(RlqsService::new(rlqs, stopped.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
     let reload = Reloader::new(&settings.limits_dir, limits, metrics, clock);
@@ -234,6 +254,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             .add_service(health)
             .add_service(reflection)
             .add_service(rls)
+            .add_service(rlqs)
             .serve_with_incoming_shutdown(
                 // TCP_NODELAY: answers are small and must not wait for Nagle (tonic's own
                 // setting does not apply to incoming streams built here).

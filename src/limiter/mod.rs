@@ -19,6 +19,7 @@ pub mod fallback;
 pub mod keys;
 pub mod lease;
 pub mod memory;
+pub mod quota;
 pub mod redis;
 
 use std::future::Future;

@@ -31,6 +31,36 @@ pub trait Lenient: Message + Default + Sized {
 }
 
 impl Lenient for super::rls::RateLimitResponse {}
+impl Lenient for super::rlqs::RateLimitQuotaResponse {}
+
+/// An RLQS report's bucket ids are built by Envoy from request headers as well, so a report
+/// is read the same way: one odd byte in a header must not end the stream.
+impl Lenient for super::rlqs::RateLimitQuotaUsageReports {
+    fn decode_lenient(bytes: &[u8]) -> Option<Self> {
+        use super::rlqs::BucketId;
+        use super::rlqs::rate_limit_quota_usage_reports::BucketQuotaUsage;
+        let raw = RawReports::decode(bytes).ok()?;
+        Some(Self {
+            domain: text(raw.domain),
+            bucket_quota_usages: raw
+                .bucket_quota_usages
+                .into_iter()
+                .map(|u| BucketQuotaUsage {
+                    bucket_id: u.bucket_id.map(|b| BucketId {
+                        bucket: b
+                            .bucket
+                            .into_iter()
+                            .map(|e| (text(e.key), text(e.value)))
+                            .collect(),
+                    }),
+                    time_elapsed: u.time_elapsed,
+                    num_requests_allowed: u.num_requests_allowed,
+                    num_requests_denied: u.num_requests_denied,
+                })
+                .collect(),
+        })
+    }
+}
 
 impl Lenient for RateLimitRequest {
     fn decode_lenient(bytes: &[u8]) -> Option<Self> {
@@ -106,6 +136,34 @@ struct RawEntry {
     key: Vec<u8>,
     #[prost(bytes = "vec", tag = "2")]
     value: Vec<u8>,
+}
+
+/// `RateLimitQuotaUsageReports` with its strings read as bytes. A map is, on the wire, a
+/// repeated message of key (1) and value (2), which [`RawEntry`] already is.
+#[derive(Clone, PartialEq, Message)]
+struct RawReports {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    bucket_quota_usages: Vec<RawUsage>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawUsage {
+    #[prost(message, optional, tag = "1")]
+    bucket_id: Option<RawBucketId>,
+    #[prost(message, optional, tag = "2")]
+    time_elapsed: Option<prost_types::Duration>,
+    #[prost(uint64, tag = "3")]
+    num_requests_allowed: u64,
+    #[prost(uint64, tag = "4")]
+    num_requests_denied: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawBucketId {
+    #[prost(message, repeated, tag = "1")]
+    bucket: Vec<RawEntry>,
 }
 
 /// prost encoding, lenient decoding (see the module comment).

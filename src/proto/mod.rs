@@ -1,4 +1,4 @@
-//! Generated types of the vendored Envoy RLS v3 protos (see `proto/README.md`).
+//! Generated types of the vendored Envoy protos (RLS v3, RLQS) (see `proto/README.md`).
 //!
 //! Only re-exports live here, so the rest of the crate names `proto::rls::RateLimitRequest`
 //! rather than the long Envoy package paths.
@@ -35,6 +35,11 @@ pub mod envoy {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
             }
         }
+        pub mod rate_limit_quota {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.rate_limit_quota.v3");
+            }
+        }
     }
 }
 
@@ -42,9 +47,12 @@ pub mod envoy {
 pub use envoy::config::core::v3 as core;
 /// `RateLimitDescriptor` and its entries.
 pub use envoy::extensions::common::ratelimit::v3 as descriptor;
+/// The RLQS service messages (Envoy's `rate_limit_quota` filter), client and server.
+pub use envoy::service::rate_limit_quota::v3 as rlqs;
 /// The RLS v3 service messages, client and server.
 pub use envoy::service::ratelimit::v3 as rls;
-/// `RateLimitUnit` (used by request-side limit overrides).
+/// `RateLimitUnit` (used by request-side limit overrides), and RLQS's `RateLimitStrategy`
+/// and `TokenBucket`.
 pub use envoy::r#type::v3 as unit;
 
 /// The encoded descriptor set of every vendored proto, for gRPC server reflection.

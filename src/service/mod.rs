@@ -11,6 +11,7 @@ pub mod headers;
 pub mod http;
 mod plan;
 mod respond;
+pub mod rlqs;
 mod validate;
 
 use std::sync::Arc;

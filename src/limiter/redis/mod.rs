@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::backend::Remote;
 mod batch;
+mod quota;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
 use crate::limits::{REDACTED, RedisSettings, redact_url};
@@ -76,6 +77,8 @@ pub struct RedisStore {
     shared: Arc<batch::Shared>,
     /// Requests' calls to the dispatcher, which coalesces them (see [`batch`]).
     jobs: tokio::sync::mpsc::UnboundedSender<batch::Job>,
+    /// The SHA of the RLQS share script (see [`quota`]).
+    quota_sha: String,
 }
 
 /// Removes anything secret from a fred error before it reaches a log or a client.
@@ -304,6 +307,7 @@ impl RedisStore {
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
+            quota_sha: quota::sha(),
         };
         // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
         // there yet, the NOSCRIPT path loads them later.
@@ -331,13 +335,15 @@ impl RedisStore {
     }
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        self.shared
-            .pool
-            .next()
-            .script_load_cluster::<Value, _>(self.shared.script.as_str())
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(describe(&e, None)))
+        for script in [self.shared.script.as_str(), quota::script()] {
+            self.shared
+                .pool
+                .next()
+                .script_load_cluster::<Value, _>(script)
+                .await
+                .map_err(|e| StoreError::Unavailable(describe(&e, None)))?;
+        }
+        Ok(())
     }
 }
 
