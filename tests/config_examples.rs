@@ -33,6 +33,10 @@ const KNOWN_EXAMPLES: &[(&str, &str)] = &[
         "limits_examples_load_and_define_the_documented_routes",
     ),
     (
+        "config/envoy/rlqs.yaml",
+        "tests/envoy_rlqs.rs: every test runs the real Envoy with it",
+    ),
+    (
         "config/envoy/stream-end.yaml",
         "tests/envoy_stream_end.rs: every test runs the real Envoy with it",
     ),

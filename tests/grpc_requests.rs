@@ -18,6 +18,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
 const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const RLQS_SERVICE: &str = "envoy.service.rate_limit_quota.v3.RateLimitQuotaService";
 
 const LIMITS: &str = r#"
 domain: d
@@ -285,7 +286,7 @@ async fn huge_hits_addend_is_answered() {
 async fn health_service_answers_serving() {
     let s = small().await;
     let mut health = HealthClient::new(s.channel.clone());
-    for service in ["", RLS_SERVICE] {
+    for service in ["", RLS_SERVICE, RLQS_SERVICE] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.to_string(),
@@ -338,6 +339,7 @@ async fn reflection_lists_and_describes_the_rate_limit_service() {
         other => panic!("not a service list: {other:?}"),
     };
     assert!(services.iter().any(|s| s == RLS_SERVICE), "{services:?}");
+    assert!(services.iter().any(|s| s == RLQS_SERVICE), "{services:?}");
     assert!(
         services.iter().any(|s| s == "grpc.health.v1.Health"),
         "{services:?}"

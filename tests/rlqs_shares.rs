@@ -7,12 +7,18 @@
 //! window adds up to at most the limit plus each client's first request, that demand decides
 //! the shares, and that bad reports are ignored and counted rather than fatal.
 
+mod common;
+
 use std::sync::Arc;
 
 use prost::Message;
 use sluice::clock::ManualClock;
+use sluice::config::RedisSettings;
 use sluice::config::{Limits, load_dir};
-use sluice::limiter::quota::QuotaBackend;
+use sluice::limiter::Source;
+use sluice::limiter::quota::{MemoryQuota, QuotaBackend, QuotaOp, QuotaStore};
+use sluice::limiter::redis::RedisStore;
+use sluice::limits::{Threshold, Unit};
 use sluice::metrics::Metrics;
 use sluice::proto::rlqs::rate_limit_quota_response::bucket_action::BucketAction as Action;
 use sluice::proto::rlqs::rate_limit_quota_usage_reports::BucketQuotaUsage;
@@ -511,4 +517,89 @@ async fn fifty_envoys_with_skewed_demand_share_the_limit() {
             "every client got tokens: {per_client:?}"
         );
     }
+}
+
+async fn redis_store(server: &common::redis::RedisServer) -> Arc<RedisStore> {
+    Arc::new(
+        RedisStore::connect(&RedisSettings {
+            url: server.url(),
+            command_timeout: std::time::Duration::from_secs(2),
+            ..RedisSettings::default()
+        })
+        .await
+        .expect("connect to the test redis"),
+    )
+}
+
+/// The Lua script is the twin of the pure function: the same ops at the same times give the
+/// same grants, in memory and in Redis (demand expiring, windows turning, two limits on a
+/// key, a charge past the limit, a client returning).
+#[tokio::test]
+async fn memory_and_redis_take_the_same_shares() {
+    let server = common::redis::RedisServer::start();
+    let redis = redis_store(&server).await;
+    let memory = MemoryQuota::new(100);
+    let limits = vec![
+        Threshold::new(50, Unit::Minute),
+        Threshold::new(8, Unit::Second),
+    ];
+    let mut seen = Vec::new();
+    // Times, clients, demand, charge, want: chosen to cross seconds, a minute and the
+    // demand's 15 s lifetime.
+    let mut now = 59_000u64;
+    for step in 0..200u64 {
+        now += [3, 250, 999, 1, 4_000, 16_000][(step % 6) as usize];
+        let client = format!("c{}", step % 4);
+        let make = || QuotaOp {
+            rate: (step * 7919) % 5000,
+            charge: if step % 11 == 0 { 3 } else { 0 },
+            want: (step * 31) % 12,
+            ..QuotaOp::new("parity".into(), limits.clone(), client.clone())
+        };
+        let (mut in_memory, mut in_redis) = (make(), make());
+        memory.share_now(&mut in_memory, now);
+        redis
+            .share(&mut in_redis, now)
+            .await
+            .expect("Redis answers");
+        let answer = |o: &QuotaOp| (o.granted, o.left, o.clients);
+        assert_eq!(
+            answer(&in_memory),
+            answer(&in_redis),
+            "step {step} at {now}: memory and Redis differ"
+        );
+        seen.push(in_memory.granted);
+    }
+    assert!(
+        seen.iter().any(|g| *g > 1),
+        "some grants were real: {seen:?}"
+    );
+}
+
+/// With Redis gone, shares come from this replica alone, are counted, and keep coming.
+#[tokio::test]
+async fn with_redis_down_each_replica_assigns_from_what_it_knows() {
+    let mut server = common::redis::RedisServer::start();
+    let redis = redis_store(&server).await;
+    let backend = QuotaBackend::new(Some(redis as Arc<dyn QuotaStore>), 100);
+    let make = || QuotaOp {
+        rate: 1000,
+        want: 4,
+        ..QuotaOp::new(
+            "down".into(),
+            vec![Threshold::new(10, Unit::Minute)],
+            "a".into(),
+        )
+    };
+    let mut op = make();
+    assert_eq!(backend.share(&mut op, 60_000).await, Source::Redis);
+    assert_eq!(op.granted, 4);
+    server.kill9();
+    let mut op = make();
+    assert_eq!(backend.share(&mut op, 61_000).await, Source::Fallback);
+    assert_eq!(
+        op.granted, 4,
+        "the local store knows nothing of Redis's window"
+    );
+    assert_eq!(backend.fallbacks(), 1);
 }

@@ -163,6 +163,8 @@ async fn config(State(s): State<HttpState>) -> Response {
         "content_hash": limits.content_hash,
         "settings": *s.settings,
         "domains": limits.to_json(),
+        // What Envoy's rate_limit_quota filter can be given: buckets naming these routes.
+        "rlqs": super::rlqs::visible_routes(&limits),
     }))
     .into_response()
 }

@@ -576,6 +576,34 @@ fn match_bucket(limits: &LimitSet, domain: &str, key: &[(String, String)]) -> Ki
     }
 }
 
+/// What `/config` shows of RLQS: per domain, the routes a bucket can be limited by (native
+/// domains only, without the `concurrent` and shadow-mode rules RLQS cannot enforce).
+pub fn visible_routes(limits: &LimitSet) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, domain) in &limits.domains {
+        let DomainLimits::Native { route_key, routes } = &domain.limits else {
+            continue;
+        };
+        let mut visible: Vec<&str> = routes
+            .values()
+            .filter(|r| !r.settings.shadow_mode.value)
+            .filter(|r| {
+                r.limits
+                    .rules()
+                    .iter()
+                    .any(|rule| !rule.threshold.concurrent)
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        visible.sort_unstable();
+        out.insert(
+            name.clone(),
+            serde_json::json!({ "route_key": route_key, "routes": visible }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
 /// The tonic face: one task per stream, driven by its reports and its windows' ends.
 #[derive(Clone)]
 pub struct RlqsService {

@@ -305,3 +305,25 @@ pub async fn start_scripted_upstream() -> u16 {
 pub async fn start_upstream() -> u16 {
     start_scripted_upstream().await
 }
+
+/// `config/envoy/rlqs.yaml` (Envoy's rate_limit_quota filter, no RLS filter) with the given
+/// ports, then `edit`.
+pub fn rlqs_bootstrap(ports: &Ports, edit: impl FnOnce(String) -> String) -> String {
+    const PATH: &str = "config/envoy/rlqs.yaml";
+    let text = std::fs::read_to_string(repo_path(PATH))
+        .unwrap_or_else(|e| panic!("read the Envoy bootstrap {PATH}: {e}"));
+    let mut text = text;
+    for (from, to) in [
+        (9901, ports.admin),
+        (10000, ports.listener),
+        (18080, ports.upstream),
+        (8081, ports.rls),
+    ] {
+        text = replace_once(
+            &text,
+            &format!("port_value: {from}"),
+            &format!("port_value: {to}"),
+        );
+    }
+    edit(text)
+}
