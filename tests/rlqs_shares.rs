@@ -603,3 +603,136 @@ async fn with_redis_down_each_replica_assigns_from_what_it_knows() {
     );
     assert_eq!(backend.fallbacks(), 1);
 }
+
+/// A report whose bucket value holds bytes that are not UTF-8 (a client's header, forwarded
+/// by Envoy) is read with the bytes escaped, not refused: a refused report would leave the
+/// bucket unassigned, which is allowed all.
+#[test]
+fn a_report_with_a_non_utf8_bucket_value_is_read() {
+    use sluice::proto::codec::Lenient;
+    let report = RateLimitQuotaUsageReports {
+        domain: "quota".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(bucket(&[("x-api-key", "k\u{7f}")])),
+            num_requests_allowed: 1,
+            ..Default::default()
+        }],
+    };
+    let mut bytes = report.encode_to_vec();
+    let at = bytes
+        .iter()
+        .rposition(|b| *b == 0x7f)
+        .expect("the marker byte");
+    bytes[at] = 0xff;
+    assert!(RateLimitQuotaUsageReports::decode(bytes.as_slice()).is_err());
+    let read = RateLimitQuotaUsageReports::decode_lenient(&bytes).expect("read leniently");
+    let id = read.bucket_quota_usages[0]
+        .bucket_id
+        .as_ref()
+        .expect("bucket");
+    assert_eq!(
+        id.bucket.get("x-api-key").map(String::as_str),
+        Some("k\\xFF")
+    );
+}
+
+fn one_usage(id: BucketId, allowed: u64, elapsed_s: i64) -> RateLimitQuotaUsageReports {
+    RateLimitQuotaUsageReports {
+        domain: "quota".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(id),
+            time_elapsed: Some(prost_types::Duration {
+                seconds: elapsed_s,
+                nanos: 0,
+            }),
+            num_requests_allowed: allowed,
+            num_requests_denied: 0,
+        }],
+    }
+}
+
+/// A bucket with no demand for a minute is abandoned (Envoy forgets it), and the stream holds
+/// it no more.
+#[tokio::test]
+async fn an_idle_bucket_is_abandoned() {
+    let rlqs = rlqs();
+    let mut session = rlqs.session();
+    let id = bucket(&[("route", "api")]);
+    let first = session
+        .report(&rlqs, one_usage(id.clone(), 1, 0), 0)
+        .await
+        .expect("answered");
+    assert_eq!(first.len(), 1);
+    let mut abandoned = None;
+    for n in 1..=13u64 {
+        let now = n * 5_000;
+        if session.next_wake().is_some_and(|at| at <= now) {
+            session.rollover(&rlqs, now).await;
+        }
+        let actions = session
+            .report(&rlqs, one_usage(id.clone(), 0, 5), now)
+            .await
+            .expect("answered");
+        if actions
+            .iter()
+            .any(|a| matches!(a.bucket_action, Some(Action::AbandonAction(_))))
+        {
+            abandoned = Some(now);
+            break;
+        }
+    }
+    assert_eq!(
+        abandoned,
+        Some(60_000),
+        "abandoned after 60 s without demand"
+    );
+    assert_eq!(session.buckets(), 0);
+}
+
+/// After a reload that changes a bucket's limit, the bucket is matched again and assigned from
+/// the new limit at once.
+#[tokio::test]
+async fn a_reload_matches_the_buckets_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("quota.yaml"), LIMITS).expect("write limits");
+    let limits = Limits::new(load_dir(dir.path()).expect("limits load"));
+    let rlqs = Rlqs::new(
+        limits.clone(),
+        Arc::new(QuotaBackend::new(None, 100)),
+        Arc::new(ManualClock::new(0)),
+        Arc::new(Metrics::new()),
+    );
+    let mut session = rlqs.session();
+    let id = bucket(&[("route", "api")]);
+    let actions = session
+        .report(&rlqs, one_usage(id.clone(), 1, 0), 1_000)
+        .await
+        .expect("answered");
+    assert_eq!(tokens(&actions), Some(9), "10 a minute, 1 already passed");
+
+    std::fs::write(
+        dir.path().join("quota.yaml"),
+        LIMITS.replace("query_per_minute: 10 }", "query_per_minute: 100 }"),
+    )
+    .expect("rewrite limits");
+    let mut reloaded = load_dir(dir.path()).expect("limits load");
+    reloaded.loaded_at_ms = 2_000;
+    limits.replace(reloaded);
+    let actions = session
+        .report(&rlqs, one_usage(id, 9, 5), 6_000)
+        .await
+        .expect("answered");
+    let after = tokens(&actions).expect("a fresh assignment");
+    assert!(after > 9, "assigned from the new limit of 100: {after}");
+}
+
+/// The tokens of the one token-bucket assignment in `actions`, if there is one.
+fn tokens(actions: &[sluice::proto::rlqs::rate_limit_quota_response::BucketAction]) -> Option<u32> {
+    actions.iter().find_map(|a| match &a.bucket_action {
+        Some(Action::QuotaAssignmentAction(q)) => match q.rate_limit_strategy.as_ref()?.strategy {
+            Some(Strategy::TokenBucket(ref t)) => Some(t.max_tokens),
+            _ => None,
+        },
+        _ => None,
+    })
+}
