@@ -19,7 +19,8 @@ mod common;
 use std::time::Duration;
 
 use common::envoy::{
-    Envoy, Ports, envoy_bin, envoy_config, replace_once, start_upstream, without_draft_headers,
+    Envoy, Ports, envoy_bin, envoy_config, replace_once, start_h2_server, start_upstream,
+    without_draft_headers,
 };
 use common::http::HttpResponse;
 use common::sluice::LiveSluice;
@@ -29,7 +30,6 @@ use sluice::proto::descriptor::RateLimitDescriptor;
 use sluice::proto::descriptor::rate_limit_descriptor::Entry;
 use sluice::proto::rls::rate_limit_response::Code;
 use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const FIXTURE: &str = "tests/fixtures/envoy_1_40_request.bin";
@@ -374,24 +374,14 @@ struct Captured {
 /// A raw HTTP/2 server that records each gRPC request it gets and answers
 /// `RateLimitResponse { overall_code: OK }`.
 async fn start_capture_server() -> (u16, mpsc::Receiver<Captured>) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind capture");
-    let port = listener.local_addr().expect("capture addr").port();
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(socket).await else {
-                    return;
-                };
-                while let Some(Ok((request, respond))) = connection.accept().await {
-                    tokio::spawn(answer_capture(request, respond, tx.clone()));
-                }
-            });
+    let port = start_h2_server(move |(request, respond)| {
+        let tx = tx.clone();
+        async move {
+            let _ = answer_capture(request, respond, tx).await;
         }
-    });
+    })
+    .await;
     (port, rx)
 }
 

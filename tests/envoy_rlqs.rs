@@ -16,7 +16,9 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::envoy::{Envoy, Ports, envoy_bin, replace_once, rlqs_bootstrap, start_upstream};
+use common::envoy::{
+    Envoy, Ports, envoy_bin, replace_once, rlqs_bootstrap, start_h2_server, start_upstream,
+};
 use common::http;
 use common::metrics::{metric, scrape};
 use common::redis::RedisServer;
@@ -185,42 +187,29 @@ async fn two_sluice_replicas_on_one_redis_share_the_limit() {
 /// Envoy's first report on a stream, read by a bare HTTP/2 server standing in for sluice: the
 /// request's path, and the first gRPC message of the stream.
 async fn capture_first_report() -> (u16, tokio::sync::mpsc::Receiver<(String, Vec<u8>)>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind capture");
-    let port = listener.local_addr().expect("capture addr").port();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(socket).await else {
-                    return;
-                };
-                while let Some(Ok((request, _respond))) = connection.accept().await {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let (parts, mut body) = request.into_parts();
-                        let mut raw = Vec::new();
-                        // The stream stays open: read until one whole message is in.
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            raw.extend_from_slice(&chunk);
-                            if let [0, a, b, c, d, rest @ ..] = raw.as_slice() {
-                                let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
-                                if rest.len() >= len {
-                                    let _ = tx
-                                        .send((parts.uri.path().to_string(), rest[..len].to_vec()))
-                                        .await;
-                                    return;
-                                }
-                            }
-                        }
-                    });
+    let port = start_h2_server(move |(request, _respond)| {
+        let tx = tx.clone();
+        async move {
+            let (parts, mut body) = request.into_parts();
+            let mut raw = Vec::new();
+            // The stream stays open: read until one whole message is in.
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                raw.extend_from_slice(&chunk);
+                if let [0, a, b, c, d, rest @ ..] = raw.as_slice() {
+                    let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+                    if rest.len() >= len {
+                        let _ = tx
+                            .send((parts.uri.path().to_string(), rest[..len].to_vec()))
+                            .await;
+                        return;
+                    }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (port, rx)
 }
 

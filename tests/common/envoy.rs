@@ -327,3 +327,37 @@ pub fn rlqs_bootstrap(ports: &Ports, edit: impl FnOnce(String) -> String) -> Str
     }
     edit(text)
 }
+
+/// One stream a [`start_h2_server`] received, and where its answer goes.
+pub type H2Stream = (
+    ::http::Request<h2::RecvStream>,
+    h2::server::SendResponse<bytes::Bytes>,
+);
+
+/// A bare HTTP/2 server on 127.0.0.1 standing in for sluice, for tests that read what Envoy
+/// sends byte for byte: each stream of each connection goes to `handle`, in a task of its own.
+/// Returns its port; it runs until the runtime ends.
+pub async fn start_h2_server<F, Fut>(handle: F) -> u16
+where
+    F: Fn(H2Stream) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the HTTP/2 server");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok(stream)) = connection.accept().await {
+                    tokio::spawn(handle(stream));
+                }
+            });
+        }
+    });
+    port
+}
