@@ -21,8 +21,13 @@ pub struct Settings {
     pub grpc_addr: String,
     /// HTTP listen address (metrics, health, config dump, JSON API).
     pub http_addr: String,
-    /// Directory of limits files (`*.yaml`), watched for changes.
+    /// Where the limits come from: the files of `limits_dir`, or an xDS management server
+    /// (`xds`).
+    pub limits_source: LimitsSource,
+    /// Directory of limits files (`*.yaml`), watched for changes (`limits_source: files`).
     pub limits_dir: PathBuf,
+    /// The management server the limits are read from (`limits_source: xds`).
+    pub xds: XdsSettings,
     /// How often the limits directory is also checked for changes, besides file events and
     /// SIGHUP (a safety net for file systems without events).
     #[serde(with = "humantime_serde")]
@@ -58,7 +63,9 @@ impl Default for Settings {
         Self {
             grpc_addr: "0.0.0.0:8081".into(),
             http_addr: "0.0.0.0:8080".into(),
+            limits_source: LimitsSource::Files,
             limits_dir: PathBuf::from("config/limits"),
+            xds: XdsSettings::default(),
             limits_poll_interval: Duration::from_secs(5),
             backend: Backend::Memory,
             log: "info".into(),
@@ -81,6 +88,100 @@ impl Default for Settings {
 pub enum Backend {
     Memory,
     Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitsSource {
+    Files,
+    Xds,
+}
+
+/// The ADS client of `limits_source: xds` (see `config::xds`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XdsSettings {
+    /// The management server, `host:port`.
+    pub server_url: String,
+    /// The node id the management server keys its snapshots by.
+    pub node_id: String,
+    /// The node's cluster, for servers that key by it.
+    pub node_cluster: String,
+    /// Node metadata as `key=value,key=value` (string values), as envoyproxy/ratelimit's
+    /// `CONFIG_GRPC_XDS_NODE_METADATA` writes it.
+    pub node_metadata: String,
+    /// gRPC metadata sent on the stream, as `key:value,key:value` (for servers that
+    /// authenticate by header).
+    pub headers: String,
+    /// Serve (and report ready) before the first set of limits has arrived; until then
+    /// every request is answered OK. Off: `/readyz` is 503 until the first set.
+    pub start_without_initial_config: bool,
+    /// First reconnect delay after a lost stream; it doubles per failed attempt up to
+    /// `backoff_max`, each delay jittered between half and all of it.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long one connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest discovery response accepted, in bytes.
+    pub max_message_bytes: usize,
+    pub tls: XdsTlsSettings,
+}
+
+impl Default for XdsSettings {
+    fn default() -> Self {
+        Self {
+            server_url: String::new(),
+            node_id: "sluice".into(),
+            node_cluster: String::new(),
+            node_metadata: String::new(),
+            headers: String::new(),
+            start_without_initial_config: false,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_message_bytes: 4 << 20,
+            tls: XdsTlsSettings::default(),
+        }
+    }
+}
+
+/// TLS to the management server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XdsTlsSettings {
+    /// Connect over TLS (the system roots verify the server unless `ca_file` is set).
+    pub enabled: bool,
+    /// PEM CA bundle that verifies the management server.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain (mTLS); needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate is checked against, when not the host of
+    /// `server_url`.
+    pub server_name: Option<String>,
+}
+
+/// `key=value,key=value` (or `key:value` with `separator` ':') into pairs; empty parts are
+/// skipped.
+pub fn parse_pairs(text: &str, separator: char) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once(separator) {
+            Some((k, v)) if !k.trim().is_empty() => {
+                pairs.push((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => {
+                return Err(format!(
+                    "\"{part}\" is not key{separator}value: write key{separator}value pairs \
+                     separated by commas"
+                ));
+            }
+        }
+    }
+    Ok(pairs)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +401,49 @@ impl Settings {
             ));
         }
         let mut problems = Vec::new();
+        if self.limits_source == LimitsSource::Xds {
+            let url = &self.xds.server_url;
+            let port_ok = url
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                problems.push(format!(
+                    "xds.server_url (SLUICE_XDS_SERVER_URL): \"{url}\" is not host:port: name \
+                     the management server, e.g. envoy-gateway.envoy-gateway-system:18001 \
+                     (limits_source is xds)"
+                ));
+            }
+            if self.xds.node_id.trim().is_empty() {
+                problems.push(
+                    "xds.node_id (SLUICE_XDS_NODE_ID): is empty: the management server keys \
+                     snapshots by node id; set the one it serves the limits to"
+                        .into(),
+                );
+            }
+        }
+        for (name, text, separator) in [
+            ("xds.node_metadata", &self.xds.node_metadata, '='),
+            ("xds.headers", &self.xds.headers, ':'),
+        ] {
+            if let Err(e) = parse_pairs(text, separator) {
+                problems.push(format!("{name} ({}): {e}", env_name(name)));
+            }
+        }
+        if self.xds.tls.cert_file.is_some() != self.xds.tls.key_file.is_some() {
+            problems.push(
+                "xds.tls: set both cert_file and key_file (or neither, to present no client \
+                 certificate)"
+                    .into(),
+            );
+        }
+        if self.xds.backoff_initial > self.xds.backoff_max {
+            problems.push(format!(
+                "xds.backoff_initial ({}) is longer than xds.backoff_max ({}): the first delay \
+                 cannot exceed the cap",
+                humantime::format_duration(self.xds.backoff_initial),
+                humantime::format_duration(self.xds.backoff_max)
+            ));
+        }
         let mut count = |name: &str, value: u64, min: u64, max: u64| {
             if !(min..=max).contains(&value) {
                 problems.push(format!(
@@ -345,6 +489,12 @@ impl Settings {
         count("redis.database", u64::from(self.redis.database), 0, 255);
         count("redis.pool_size", self.redis.pool_size as u64, 1, 256);
         count(
+            "xds.max_message_bytes",
+            self.xds.max_message_bytes as u64,
+            4096,
+            1 << 30,
+        );
+        count(
             "fallback.replicas",
             u64::from(self.fallback.replicas),
             1,
@@ -389,6 +539,19 @@ impl Settings {
         );
         span("shutdown_grace", self.shutdown_grace, ms(0), secs(600));
         span(
+            "xds.backoff_initial",
+            self.xds.backoff_initial,
+            ms(10),
+            secs(600),
+        );
+        span("xds.backoff_max", self.xds.backoff_max, ms(10), secs(3600));
+        span(
+            "xds.connect_timeout",
+            self.xds.connect_timeout,
+            ms(10),
+            secs(300),
+        );
+        span(
             "redis.connect_timeout",
             self.redis.connect_timeout,
             ms(10),
@@ -420,6 +583,10 @@ impl Settings {
             shown.redis.password = Some(REDACTED.into());
         }
         shown.redis.url = redact_url(&shown.redis.url);
+        if !shown.xds.headers.is_empty() {
+            // Headers often carry a bearer token.
+            shown.xds.headers = REDACTED.into();
+        }
         shown
     }
 }
