@@ -221,6 +221,10 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 
     let (grpc_listener, grpc_addr) = bind(&settings.grpc_addr).await?;
     let (http_listener, http_addr) = bind(&settings.http_addr).await?;
+    let metrics_listener = match &settings.metrics_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
 
     let (health_reporter, health, reflection) =
         health_and_reflection::<RateLimitServiceServer<GrpcService>>().await?;
@@ -285,10 +289,22 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         xds: xds.clone(),
         wait_for_limits: !settings.xds.start_without_initial_config,
     });
+    let second = metrics_listener.map(|(listener, addr)| {
+        info!(metrics_addr = %addr, "also serving the HTTP routes (metrics) on");
+        let router = router.clone();
+        let stopped = stopped.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_signal(stopped))
+                .await
+        }
+    });
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(stop_signal(stopped))
-            .await
+        let main = axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped));
+        match second {
+            Some(second) => tokio::try_join!(async { main.await }, second).map(|_| ()),
+            None => main.await,
+        }
     });
     info!(%grpc_addr, %http_addr, "serving Envoy RLS v3 on gRPC; metrics and API on HTTP");
     Ok(ServerHandle {

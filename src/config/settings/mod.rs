@@ -21,6 +21,10 @@ pub struct Settings {
     pub grpc_addr: String,
     /// HTTP listen address (metrics, health, config dump, JSON API).
     pub http_addr: String,
+    /// A second HTTP listen address serving the same routes, for deployments that scrape
+    /// metrics on a port of their own (envoyproxy/ratelimit's `PROMETHEUS_ADDR`; Envoy
+    /// Gateway's pod annotations point Prometheus at it).
+    pub metrics_addr: Option<String>,
     /// Where the limits come from: the files of `limits_dir`, or an xDS management server
     /// (`xds`).
     pub limits_source: LimitsSource,
@@ -63,6 +67,7 @@ impl Default for Settings {
         Self {
             grpc_addr: "0.0.0.0:8081".into(),
             http_addr: "0.0.0.0:8080".into(),
+            metrics_addr: None,
             limits_source: LimitsSource::Files,
             limits_dir: PathBuf::from("config/limits"),
             xds: XdsSettings::default(),
@@ -383,7 +388,10 @@ impl Settings {
         for (name, addr) in [
             ("grpc_addr", &self.grpc_addr),
             ("http_addr", &self.http_addr),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.metrics_addr.as_ref().map(|a| ("metrics_addr", a)))
+        {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid(format!(
                     "{name}: \"{addr}\" is not an address: write host:port, e.g. 0.0.0.0:8081"
@@ -633,6 +641,8 @@ fn apply_env(
         }
     }
 }
+
+pub mod compat;
 
 #[cfg(test)]
 mod tests;
