@@ -271,7 +271,7 @@ impl XdsSource {
                     server = %self.settings.server_url,
                     error = %reason,
                     retry_in = ?delay,
-                    "xDS stream to the management server lost; the last limits stay in service"
+                    "no xDS stream to the management server (lost or refused); the limits in service stay"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
