@@ -523,11 +523,7 @@ fn redis<E: Fn(&str) -> Option<String>>(r: &mut Reader<'_, E>) {
     let kind = r.get("REDIS_TYPE").unwrap_or_else(|| "single".into());
     let tls = r.bool("REDIS_TLS", false);
     let url = r.get("REDIS_URL");
-    let using_redis = r
-        .out
-        .env
-        .get("SLUICE_BACKEND")
-        .is_none_or(|b| b == "redis");
+    let using_redis = r.out.env.get("SLUICE_BACKEND").is_none_or(|b| b == "redis");
     if using_redis && !socket.eq_ignore_ascii_case("tcp") {
         r.error(
             "REDIS_SOCKET_TYPE",
