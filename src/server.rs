@@ -256,6 +256,26 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
             (source.spawn(stopped.clone()), Some(status))
         }
     };
+    // Over xDS, gRPC health says NOT_SERVING until the first limits, as `/readyz` does (and as
+    // envoyproxy/ratelimit's gRPC health does).
+    if let Some(status) = xds
+        .clone()
+        .filter(|_| !settings.xds.start_without_initial_config)
+    {
+        health_reporter
+            .set_not_serving::<RateLimitServiceServer<GrpcService>>()
+            .await;
+        let reporter = health_reporter.clone();
+        let mut stop = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = status.first_set() => {
+                    reporter.set_serving::<RateLimitServiceServer<GrpcService>>().await;
+                }
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {}
+            }
+        });
+    }
     let stop_signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

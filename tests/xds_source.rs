@@ -19,6 +19,21 @@ use common::rls::*;
 use common::sluice::Sluice;
 use common::xds::*;
 use sluice::config::settings::LimitsSource;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// gRPC health of the RLS service.
+async fn grpc_health(s: &Sluice) -> ServingStatus {
+    let response = HealthClient::new(s.channel.clone())
+        .check(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(response.status).expect("a status")
+}
 
 /// sluice reading limits from `ads`, reconnecting fast.
 async fn sluice_on(ads: &AdsServer, force: bool) -> Sluice {
@@ -91,6 +106,7 @@ async fn pushed_limits_are_served_within_seconds_and_acked_with_version_and_nonc
         ready.body
     );
     assert_eq!(http::get(http_addr, "/healthcheck").await.status, 500);
+    assert_eq!(grpc_health(&s).await, ServingStatus::NotServing);
 
     ads.push_configs("v1", &[per_minute("edge", "remote_address", 2)]);
     let took = served_version(&s, "v1").await;
@@ -111,6 +127,7 @@ async fn pushed_limits_are_served_within_seconds_and_acked_with_version_and_nonc
 
     let ready = http::get(http_addr, "/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(grpc_health(&s).await, ServingStatus::Serving);
     let health = http::get(http_addr, "/healthcheck").await;
     assert_eq!((health.status, health.body.as_str()), (200, "OK"));
     let shown = http::get(http_addr, "/config").await.json();

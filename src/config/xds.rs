@@ -70,6 +70,8 @@ pub struct XdsSetupError(String);
 #[derive(Debug, Default)]
 pub struct XdsStatus {
     first_set: AtomicBool,
+    /// Woken when the first set is applied.
+    arrived: tokio::sync::Notify,
     shown: Mutex<XdsShown>,
 }
 
@@ -94,6 +96,18 @@ impl XdsStatus {
     /// Whether a first set has been applied.
     pub fn has_first_set(&self) -> bool {
         self.first_set.load(Ordering::SeqCst)
+    }
+
+    /// Returns once a first set has been applied.
+    pub async fn first_set(&self) {
+        loop {
+            // Made before the check: a set applied between the two still wakes it.
+            let arrived = self.arrived.notified();
+            if self.has_first_set() {
+                return;
+            }
+            arrived.await;
+        }
     }
 
     pub fn shown(&self) -> XdsShown {
@@ -353,7 +367,9 @@ impl XdsSource {
                     shown.version = Some(response.version_info.clone());
                     shown.acks += 1;
                 }
-                self.status.first_set.store(true, Ordering::SeqCst);
+                if !self.status.first_set.swap(true, Ordering::SeqCst) {
+                    self.status.arrived.notify_waiters();
+                }
                 info!(
                     version = %response.version_info,
                     domains,
