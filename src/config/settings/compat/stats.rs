@@ -41,19 +41,27 @@ pub(super) fn stats<E: Fn(&str) -> Option<String>>(r: &mut Reader<'_, E>) {
             "USE_PROMETHEUS",
             format!("honoured: /metrics also on {addr} (always on the HTTP port)"),
         );
+        if r.get("PROMETHEUS_ADDR").is_some() {
+            r.note(
+                "PROMETHEUS_ADDR",
+                format!("honoured: /metrics also on {addr}"),
+            );
+        }
     } else {
         r.ignored(
             &["PROMETHEUS_ADDR"],
             "USE_PROMETHEUS is not true; /metrics is on the HTTP port (PORT)",
         );
     }
-    if let Some(path) = r.get("PROMETHEUS_PATH")
-        && path != "/metrics"
-    {
-        r.note(
+    match r.get("PROMETHEUS_PATH") {
+        Some(path) if path == "/metrics" => {
+            r.note("PROMETHEUS_PATH", "honoured: metrics at /metrics");
+        }
+        Some(path) => r.note(
             "PROMETHEUS_PATH",
             format!("ignored: sluice serves its metrics at /metrics, not {path}"),
-        );
+        ),
+        None => {}
     }
     r.ignored(
         &[
