@@ -16,6 +16,10 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home sluice
 WORKDIR /app
 COPY --from=build /src/target/release/sluice /usr/local/bin/sluice
+# envoyproxy/ratelimit's image runs /bin/ratelimit (Envoy Gateway's Deployment names it as the
+# command): run by that name, sluice reads that project's environment (README, "Replacing
+# envoyproxy/ratelimit").
+RUN ln -s /usr/local/bin/sluice /bin/ratelimit
 COPY config/sluice.yaml /app/config/sluice.yaml
 COPY config/limits /app/config/limits
 USER 10001

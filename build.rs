@@ -1,5 +1,6 @@
-//! Compiles the vendored Envoy protos (RLS v3 and RLQS) with protox, a pure-Rust protobuf compiler, so
-//! a fresh machine needs no system `protoc`. The encoded descriptor set is also written out
+//! Compiles the vendored protos (Envoy's RLS v3 and RLQS; the xDS client's ADS and
+//! RateLimitConfig) with protox, a pure-Rust protobuf compiler, so a fresh machine needs no
+//! system `protoc`. The encoded descriptor set is also written out
 //! for gRPC server reflection (grpcurl and ghz then work without proto files).
 
 use std::{env, fs, path::PathBuf};
@@ -25,5 +26,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // src/proto/codec.rs.
         .codec_path("crate::proto::codec::LenientCodec")
         .compile_fds(fds)?;
+
+    // --- xDS limits source (src/config/xds.rs) ---------------------------------------------
+    // The ADS client and envoyproxy/ratelimit's RateLimitConfig, with tonic's default prost
+    // codec: the management server is trusted configuration, not client traffic. A separate
+    // compile so the RLS block above (and its reflection set) stays as it is; the one file
+    // both include (envoy/config/core/v3/base.proto) generates the same module twice.
+    let xds = protox::compile(
+        [
+            "envoy/service/discovery/v3/ads.proto",
+            "ratelimit/config/ratelimit/v3/rls_conf.proto",
+        ],
+        ["proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(xds)?;
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! The `sluice` command line: parses arguments and hands over to the library.
+//! The `sluice` command line: parses arguments and hands over to the library. Run as
+//! `ratelimit` (or with `SLUICE_ENV_COMPAT=envoyproxy-ratelimit`), it reads
+//! envoyproxy/ratelimit's environment instead (`config::settings::compat`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::config::settings::{Overrides, Settings};
+use sluice::config::settings::{Overrides, Settings, compat};
 
 #[derive(Parser)]
 #[command(
@@ -75,7 +77,95 @@ enum Command {
     },
 }
 
+/// Whether envoyproxy/ratelimit's environment is read: sluice runs as `ratelimit` (their
+/// image's program name) or `SLUICE_ENV_COMPAT` names it.
+fn ratelimit_compat() -> Result<bool, String> {
+    match std::env::var("SLUICE_ENV_COMPAT") {
+        Ok(v) if v == compat::COMPAT_NAME => return Ok(true),
+        Ok(v) if !v.trim().is_empty() => {
+            return Err(format!(
+                "SLUICE_ENV_COMPAT: \"{v}\" is not a known environment: the one supported is {}",
+                compat::COMPAT_NAME
+            ));
+        }
+        _ => {}
+    }
+    Ok(started_as_ratelimit())
+}
+
+fn started_as_ratelimit() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == compat::PROGRAM_NAME))
+        .unwrap_or(false)
+}
+
+fn serve(config: Option<PathBuf>, flags: Overrides) -> ExitCode {
+    let compat_on = match ratelimit_compat() {
+        Ok(on) => on,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let translation = if compat_on {
+        match compat::translate(&env) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let loaded = match &translation {
+        Some(t) => Settings::load(config.as_deref(), t.layered(&env), &flags),
+        None => Settings::load(config.as_deref(), env, &flags),
+    };
+    let settings = match loaded {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sluice::server::init_tracing(&settings);
+    if let Some(t) = &translation {
+        tracing::info!(
+            "reading envoyproxy/ratelimit's environment (SLUICE_* variables, when set, win)"
+        );
+        for (variable, what) in &t.notes {
+            if what.starts_with("ignored") {
+                tracing::warn!(variable = %variable, "{what}");
+            } else {
+                tracing::info!(variable = %variable, "{what}");
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice::server::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // envoyproxy/ratelimit's program takes no arguments: `ratelimit` alone serves.
+    if started_as_ratelimit() && std::env::args_os().len() == 1 {
+        return serve(None, Overrides::default());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {
@@ -85,38 +175,16 @@ fn main() -> ExitCode {
             limits_dir,
             backend,
             log,
-        } => {
-            let flags = Overrides {
+        } => serve(
+            config,
+            Overrides {
                 grpc_addr,
                 http_addr,
                 limits_dir,
                 backend,
                 log,
-            };
-            let settings =
-                match Settings::load(config.as_deref(), |k| std::env::var(k).ok(), &flags) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
-            sluice::server::init_tracing(&settings);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(sluice::server::run(settings)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+            },
+        ),
         Command::Check { paths } => {
             let mut out = std::io::stdout().lock();
             match sluice::check::check(&paths, &mut out) {

@@ -29,6 +29,12 @@ pub const OVER_LIMIT_CACHE_ENTRIES: &str = "sluice_over_limit_cache_entries";
 pub const OVER_LIMIT_CACHE_HITS: &str = "sluice_over_limit_cache_hits_total";
 pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
 pub const CONFIG_LOADED_AT: &str = "sluice_config_last_load_timestamp_seconds";
+/// Discovery responses of the xDS limits source, by result (ack, nack).
+pub const XDS_RESPONSES: &str = "sluice_xds_responses_total";
+/// Streams to the management server opened again after one was lost or refused.
+pub const XDS_RECONNECTS: &str = "sluice_xds_reconnects_total";
+/// 1 while a stream to the management server is open.
+pub const XDS_CONNECTED: &str = "sluice_xds_connected";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
 /// Slots of `concurrent` limits in use, by domain and route; each replica moves it by what
@@ -224,6 +230,14 @@ impl Metrics {
                 "RLQS shares assigned from this replica's knowledge alone because the store failed",
             ),
             (
+                XDS_RESPONSES,
+                "Discovery responses of the xDS limits source by result (ack, nack)",
+            ),
+            (
+                XDS_RECONNECTS,
+                "Reconnects to the xDS management server after a lost or refused stream",
+            ),
+            (
                 LEASE_ADMITTED,
                 "Hits admitted from a leased block without a store call",
             ),
@@ -251,6 +265,10 @@ impl Metrics {
             (MEMORY_ENTRIES, "Counters held by the memory store"),
             (RLQS_STREAMS, "RLQS streams open"),
             (RLQS_BUCKETS, "RLQS buckets held by the open streams"),
+            (
+                XDS_CONNECTED,
+                "1 while the stream to the xDS management server is open",
+            ),
         ];
         for (name, help) in gauges {
             r.describe_gauge(name.into(), None, help.into());
@@ -411,6 +429,33 @@ impl Metrics {
         if success {
             self.gauge(CONFIG_LOADED_AT, &[]).set(unix_seconds);
         }
+    }
+
+    /// Registers the xDS source's series at zero (only a server reading limits over xDS has
+    /// them).
+    pub fn init_xds_series(&self) {
+        for result in ["ack", "nack"] {
+            self.counter(XDS_RESPONSES, &[("result", result)])
+                .absolute(0);
+        }
+        self.counter(XDS_RECONNECTS, &[]).absolute(0);
+        self.gauge(XDS_CONNECTED, &[]).set(0.0);
+    }
+
+    /// One discovery response of the xDS source, applied (`ack`) or rejected.
+    pub fn xds_response(&self, ack: bool) {
+        let result = if ack { "ack" } else { "nack" };
+        self.counter(XDS_RESPONSES, &[("result", result)])
+            .increment(1);
+    }
+
+    pub fn xds_reconnect(&self) {
+        self.counter(XDS_RECONNECTS, &[]).increment(1);
+    }
+
+    pub fn xds_connected(&self, connected: bool) {
+        self.gauge(XDS_CONNECTED, &[])
+            .set(if connected { 1.0 } else { 0.0 });
     }
 
     /// The Prometheus text exposition, with process metrics collected now.

@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::reload::{Limits, Reloader};
-use crate::config::settings::{self, LogFormat};
+use crate::config::settings::{self, LimitsSource, LogFormat};
+use crate::config::xds::{XdsSource, XdsStatus};
 use crate::config::{ConfigErrors, Settings, load_dir};
 use crate::limiter::Source;
 use crate::limiter::backend::Backend as LimiterBackend;
@@ -68,6 +69,8 @@ pub struct ServerHandle {
     reloader: JoinHandle<()>,
     /// Reloads the limits directory now (what SIGHUP does); for tests and tools.
     pub reload: Reloader,
+    /// What the xDS limits source has done (`limits_source: xds`).
+    pub xds: Option<Arc<XdsStatus>>,
 }
 
 impl ServerHandle {
@@ -128,29 +131,37 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
 
 /// Loads the limits, binds both addresses and starts serving in the background.
 pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServeError> {
-    if !settings.limits_dir.is_dir() {
+    let from_xds = settings.limits_source == LimitsSource::Xds;
+    if !from_xds && !settings.limits_dir.is_dir() {
         return Err(ServeError::NoLimitsDir(
             settings.limits_dir.display().to_string(),
         ));
     }
     let metrics = Arc::new(Metrics::new());
-    let mut limits = match load_dir(&settings.limits_dir) {
-        Ok(limits) => limits,
-        Err(e) => {
-            metrics.config_loaded(false, 0.0);
-            return Err(e.into());
+    // Over xDS the limits come once the stream is open: until then none (every request is
+    // answered OK) and `/readyz` says so.
+    let limits = if from_xds {
+        LimitSet::default()
+    } else {
+        let mut limits = match load_dir(&settings.limits_dir) {
+            Ok(limits) => limits,
+            Err(e) => {
+                metrics.config_loaded(false, 0.0);
+                return Err(e.into());
+            }
+        };
+        limits.loaded_at_ms = clock.now_ms();
+        metrics.config_loaded(true, limits.loaded_at_ms as f64 / 1000.0);
+        log_loaded(&limits);
+        if limits.domains.is_empty() {
+            warn!(
+                dir = %settings.limits_dir.display(),
+                "the limits directory holds no limits: every request is answered OK until files \
+                 are added (they are picked up without a restart)"
+            );
         }
+        limits
     };
-    limits.loaded_at_ms = clock.now_ms();
-    metrics.config_loaded(true, limits.loaded_at_ms as f64 / 1000.0);
-    log_loaded(&limits);
-    if limits.domains.is_empty() {
-        warn!(
-            dir = %settings.limits_dir.display(),
-            "the limits directory holds no limits: every request is answered OK until files \
-             are added (they are picked up without a restart)"
-        );
-    }
 
     // One signal ends everything started here: servers, sweeper, reloader, breaker probe.
     let (stop, stopped) = watch::channel(false);
@@ -225,6 +236,10 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
 
     let (grpc_listener, grpc_addr) = bind(&settings.grpc_addr).await?;
     let (http_listener, http_addr) = bind(&settings.http_addr).await?;
+    let metrics_listener = match &settings.metrics_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
 
     let (health_reporter, health, reflection) =
         health_and_reflection::<RateLimitServiceServer<GrpcService>>().await?;
@@ -236,10 +251,51 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
     let rlqs = RateLimitQuotaServiceServer::new(RlqsService::new(rlqs, stopped.clone()))
         .max_decoding_message_size(settings.request.max_message_bytes);
 
-    let reload = Reloader::new(&settings.limits_dir, limits, metrics, clock);
-    let reloader = reload
+    let reload = Reloader::new(
+        &settings.limits_dir,
+        limits.clone(),
+        metrics.clone(),
+        clock.clone(),
+    );
+    let (reloader, xds) = match settings.limits_source {
+        LimitsSource::Files => (
+            reload
+                .clone()
+                .spawn(settings.limits_poll_interval, stopped.clone()),
+            None,
+        ),
+        LimitsSource::Xds => {
+            let source = XdsSource::new(&settings.xds, limits, metrics, clock)
+                .map_err(|e| ServeError::Setup(e.to_string()))?;
+            let status = source.status();
+            info!(
+                server = %settings.xds.server_url,
+                node = %settings.xds.node_id,
+                "limits come from the xDS management server"
+            );
+            (source.spawn(stopped.clone()), Some(status))
+        }
+    };
+    // Over xDS, gRPC health says NOT_SERVING until the first limits, as `/readyz` does (and as
+    // envoyproxy/ratelimit's gRPC health does).
+    if let Some(status) = xds
         .clone()
-        .spawn(settings.limits_poll_interval, stopped.clone());
+        .filter(|_| !settings.xds.start_without_initial_config)
+    {
+        health_reporter
+            .set_not_serving::<RateLimitServiceServer<GrpcService>>()
+            .await;
+        let reporter = health_reporter.clone();
+        let mut stop = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = status.first_set() => {
+                    reporter.set_serving::<RateLimitServiceServer<GrpcService>>().await;
+                }
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {}
+            }
+        });
+    }
     let stop_signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -271,11 +327,25 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         settings: Arc::new(settings.redacted()),
         readiness: readiness.clone(),
         codec: Arc::new(codec),
+        xds: xds.clone(),
+        wait_for_limits: !settings.xds.start_without_initial_config,
+    });
+    let second = metrics_listener.map(|(listener, addr)| {
+        info!(metrics_addr = %addr, "also serving the HTTP routes (metrics) on");
+        let router = router.clone();
+        let stopped = stopped.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_signal(stopped))
+                .await
+        }
     });
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(stop_signal(stopped))
-            .await
+        let main = axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped));
+        match second {
+            Some(second) => tokio::try_join!(async { main.await }, second).map(|_| ()),
+            None => main.await,
+        }
     });
     info!(%grpc_addr, %http_addr, "serving Envoy RLS v3 on gRPC; metrics and API on HTTP");
     Ok(ServerHandle {
@@ -290,6 +360,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         sweeper,
         reloader,
         reload,
+        xds,
     })
 }
 

@@ -72,6 +72,10 @@ const KNOWN_EXAMPLES: &[(&str, &str)] = &[
         "config/kubernetes/redis.yaml",
         "tests/deploy.rs: deployment_ports_probes_env_and_mounts_match_the_code",
     ),
+    (
+        "config/kubernetes/envoy-gateway-ratelimit.yaml",
+        "tests/deploy.rs: the_envoy_gateway_patch_swaps_the_ratelimit_image_for_one_that_runs_as_ratelimit",
+    ),
 ];
 
 fn examples() -> LimitSet {

@@ -179,3 +179,46 @@ fn configmap_limits_load_and_match_the_example() {
         );
     }
 }
+
+#[test]
+fn the_envoy_gateway_patch_swaps_the_ratelimit_image_for_one_that_runs_as_ratelimit() {
+    let config = &yaml_documents("config/kubernetes/envoy-gateway-ratelimit.yaml")[0];
+    assert_eq!(config["kind"], "ConfigMap");
+    assert_eq!(config["metadata"]["name"], "envoy-gateway-config");
+    let text = config["data"]["envoy-gateway.yaml"]
+        .as_str()
+        .expect("envoy-gateway.yaml");
+    let gateway: Value = serde_saphyr::from_str(text).expect("EnvoyGateway YAML");
+    assert_eq!(gateway["kind"], "EnvoyGateway");
+    let patch = &gateway["provider"]["kubernetes"]["rateLimitDeployment"]["patch"];
+    assert_eq!(patch["type"], "StrategicMerge");
+    let container = &patch["value"]["spec"]["template"]["spec"]["containers"][0];
+    // The container name Envoy Gateway gives its rate limit Deployment (a strategic merge
+    // matches containers by name).
+    assert_eq!(container["name"], "envoy-ratelimit");
+    assert!(
+        container["image"]
+            .as_str()
+            .is_some_and(|i| i.contains("sluice"))
+    );
+    // Its SLUICE_* variables are real settings.
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().expect("name").to_string(),
+                e["value"].as_str().expect("value").to_string(),
+            )
+        })
+        .collect();
+    assert!(env.iter().all(|(k, _)| k.starts_with("SLUICE_")));
+    let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    Settings::load(None, lookup, &Overrides::default()).expect("env is valid");
+    // Envoy Gateway runs /bin/ratelimit: the image has it, as a link to sluice.
+    assert!(
+        read("Dockerfile").contains("RUN ln -s /usr/local/bin/sluice /bin/ratelimit"),
+        "the Dockerfile links /bin/ratelimit"
+    );
+}

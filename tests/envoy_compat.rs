@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::envoy_examples::*;
+
 use std::path::Path;
 
 use common::config::{Expect, Files, assert_error, errors_of, find, line_of, render, single};
@@ -36,23 +38,6 @@ fn unlimited_limit() -> DescriptorStatus {
 
 // ---------------------------------------------------------------------------------------------
 // README examples.
-
-/// Example 1: two values of one key, each with its own limit.
-const EXAMPLE_1: &str = "\
-domain: mongo_cps
-descriptors:
-  - key: database
-    value: users
-    rate_limit:
-      unit: second
-      requests_per_unit: 500
-
-  - key: database
-    value: default
-    rate_limit:
-      unit: second
-      requests_per_unit: 500
-";
 
 #[tokio::test]
 async fn readme_example_1_each_listed_value_has_its_own_limit() {
@@ -95,27 +80,6 @@ async fn readme_example_1_each_listed_value_has_its_own_limit() {
     );
     s.stop().await;
 }
-
-/// Example 2: a nested list (marketing messages per number) next to a top-level limit per
-/// number, both checked in one request.
-const EXAMPLE_2: &str = "\
-domain: messaging
-descriptors:
-  # Only allow 5 marketing messages a day
-  - key: message_type
-    value: marketing
-    descriptors:
-      - key: to_number
-        rate_limit:
-          unit: day
-          requests_per_unit: 5
-
-  # Only allow 100 messages a day to any unique phone number
-  - key: to_number
-    rate_limit:
-      unit: day
-      requests_per_unit: 100
-";
 
 #[tokio::test]
 async fn readme_example_2_nested_descriptors_and_one_request_for_both_limits() {
@@ -185,23 +149,6 @@ async fn readme_example_2_nested_descriptors_and_one_request_for_both_limits() {
     s.stop().await;
 }
 
-/// Example 3: a limit for every address, and a more specific one for one address.
-const EXAMPLE_3: &str = "\
-domain: edge_proxy_per_ip
-descriptors:
-  - key: remote_address
-    rate_limit:
-      unit: second
-      requests_per_unit: 10
-
-  # Black list IP
-  - key: remote_address
-    value: 50.0.0.5
-    rate_limit:
-      unit: second
-      requests_per_unit: 0
-";
-
 #[tokio::test]
 async fn readme_example_3_key_value_is_matched_before_key_alone() {
     let mut s = Sluice::start(&[("per_ip.yaml", EXAMPLE_3)]).await;
@@ -228,29 +175,6 @@ async fn readme_example_3_key_value_is_matched_before_key_alone() {
     .await;
     s.stop().await;
 }
-
-/// Example 4: a request matches only at the depth of its entries.
-const EXAMPLE_4_FLAT: &str = "\
-domain: example4
-descriptors:
-  - key: key
-    value: value
-    rate_limit:
-      requests_per_unit: 300
-      unit: second
-";
-
-const EXAMPLE_4_NESTED: &str = "\
-domain: example4-nested
-descriptors:
-  - key: key
-    value: value
-    descriptors:
-      - key: subkey
-        rate_limit:
-          requests_per_unit: 300
-          unit: second
-";
 
 #[tokio::test]
 async fn readme_example_4_a_request_matches_configuration_of_its_own_depth() {
@@ -283,20 +207,6 @@ async fn readme_example_4_a_request_matches_configuration_of_its_own_depth() {
     );
     s.stop().await;
 }
-
-/// Example 5: an unlimited descriptor next to a limited one.
-const EXAMPLE_5: &str = "\
-domain: internal
-descriptors:
-  - key: ldap
-    rate_limit:
-      unlimited: true
-
-  - key: azure
-    rate_limit:
-      unit: minute
-      requests_per_unit: 100
-";
 
 #[tokio::test]
 async fn readme_example_5_unlimited_answers_ok_with_the_maximum_remaining() {
@@ -331,25 +241,6 @@ async fn readme_example_5_unlimited_answers_ok_with_the_maximum_remaining() {
     );
     s.stop().await;
 }
-
-/// Example 6: shadow mode on one value.
-const EXAMPLE_6: &str = "\
-domain: example6
-descriptors:
-  - key: service
-    descriptors:
-      - key: user
-        value: user-a
-        rate_limit:
-          requests_per_unit: 10
-          unit: second
-        shadow_mode: true
-      - key: user
-        value: user-b
-        rate_limit:
-          requests_per_unit: 20
-          unit: second
-";
 
 #[tokio::test]
 async fn readme_example_6_shadow_mode_counts_but_never_limits() {
@@ -393,31 +284,6 @@ async fn readme_example_6_shadow_mode_counts_but_never_limits() {
     assert!(!metrics.contains("auth-service"), "{metrics}");
     s.stop().await;
 }
-
-/// Example 7: `replaces` across the descriptors of one request.
-const EXAMPLE_7: &str = "\
-domain: example7
-descriptors:
-  - key: key_1
-    value: value_1
-    descriptors:
-      - key: user
-        value: bkthomps
-        rate_limit:
-          name: specific_limit
-          requests_per_unit: 5
-          unit: second
-  - key: key_2
-    value: value_2
-    descriptors:
-      - key: user
-        value: bkthomps
-        rate_limit:
-          replaces:
-            - name: specific_limit
-          requests_per_unit: 10
-          unit: second
-";
 
 #[tokio::test]
 async fn readme_example_7_replaces_drops_the_named_limit_of_the_same_request() {
@@ -464,22 +330,6 @@ async fn readme_example_7_replaces_drops_the_named_limit_of_the_same_request() {
     s.stop().await;
 }
 
-/// Example 8: `detailed_metric` on a descriptor without a value.
-const EXAMPLE_8: &str = "\
-domain: example8
-descriptors:
-  - key: key1
-    detailed_metric: true
-    rate_limit:
-      unit: minute
-      requests_per_unit: 10
-  - key: key1
-    value: value1
-    rate_limit:
-      unit: minute
-      requests_per_unit: 20
-";
-
 #[tokio::test]
 async fn readme_example_8_detailed_metric_limits_as_usual_and_keeps_metrics_bounded() {
     let mut s = Sluice::start(&[("example8.yaml", EXAMPLE_8)]).await;
@@ -514,17 +364,6 @@ async fn readme_example_8_detailed_metric_limits_as_usual_and_keeps_metrics_boun
     s.stop().await;
 }
 
-/// Example 9: a wildcard value.
-const EXAMPLE_9: &str = "\
-domain: example9
-descriptors:
-  - key: key1
-    value: value*
-    rate_limit:
-      unit: minute
-      requests_per_unit: 20
-";
-
 #[tokio::test]
 async fn readme_example_9_a_trailing_wildcard_matches_by_prefix_with_a_counter_per_value() {
     let mut s = Sluice::start(&[("example9.yaml", EXAMPLE_9)]).await;
@@ -553,32 +392,6 @@ async fn readme_example_9_a_trailing_wildcard_matches_by_prefix_with_a_counter_p
     );
     s.stop().await;
 }
-
-/// The README's `share_threshold` section: every value matching the wildcard shares one
-/// threshold, also when the limit sits below the wildcard.
-const SHARE_THRESHOLD: &str = "\
-domain: files
-descriptors:
-  - key: path
-    value: files/*
-    share_threshold: true
-    rate_limit:
-      unit: hour
-      requests_per_unit: 100
-  - key: path
-    value: models/*
-    rate_limit:
-      unit: hour
-      requests_per_unit: 100
-  - key: route
-    value: api/*
-    share_threshold: true
-    descriptors:
-      - key: user
-        rate_limit:
-          unit: minute
-          requests_per_unit: 5
-";
 
 #[tokio::test]
 async fn readme_share_threshold_makes_all_values_of_a_wildcard_share_one_counter() {
@@ -626,29 +439,6 @@ async fn readme_share_threshold_makes_all_values_of_a_wildcard_share_one_counter
 
 // ---------------------------------------------------------------------------------------------
 // Matching rules beyond the examples.
-
-const ORDER: &str = "\
-domain: order
-descriptors:
-  - key: k
-    rate_limit: { unit: second, requests_per_unit: 4 }
-  - key: k
-    value: ab*
-    rate_limit: { unit: second, requests_per_unit: 2 }
-  - key: k
-    value: a*
-    rate_limit: { unit: second, requests_per_unit: 3 }
-  - key: k
-    value: abc
-    rate_limit: { unit: second, requests_per_unit: 1 }
-  - key: parent
-    rate_limit: { unit: minute, requests_per_unit: 7 }
-    descriptors:
-      - key: child
-        rate_limit: { unit: minute, requests_per_unit: 6 }
-      - key: leaf
-        value: only
-";
 
 #[tokio::test]
 async fn exact_value_then_wildcards_in_file_order_then_key_alone() {

@@ -4,7 +4,8 @@
 //! binaries) outside comments names the layer a file depends on. The allowed arrows:
 //!
 //! - `limits` imports nothing of sluice: it is the vocabulary under everything.
-//! - `config` reads files into `limits`; `matcher` reads `limits` and Envoy's protos;
+//! - `config` reads files (and `RateLimitConfig` messages pushed over xDS, hence the protos)
+//!   into `limits`; `matcher` reads `limits` and Envoy's protos;
 //!   `limiter` counts with `limits` thresholds.
 //! - `clock`, `metrics` and `proto` are leaves any layer but `limits` may use (a clock to
 //!   read, handles to record into, the wire types).
@@ -32,7 +33,7 @@ fn layer_of(relative: &Path) -> String {
 fn allowed(layer: &str) -> Option<&'static [&'static str]> {
     match layer {
         "limits" | "clock" | "metrics" | "proto" => Some(&[]),
-        "config" => Some(&["limits", "clock", "metrics"]),
+        "config" => Some(&["limits", "clock", "metrics", "proto"]),
         "matcher" => Some(&["limits", "proto"]),
         // Envoy configuration printed from the limits (`sluice envoy ...`).
         "envoy_snippets" => Some(&["limits"]),

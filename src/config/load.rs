@@ -45,21 +45,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
         }
         match parse_file(&file, &text) {
             Ok(domain) => {
-                if let Some(first) = set.domains.get(&domain.name) {
-                    errors.push(ConfigError {
-                        file: file.clone(),
-                        line: find_key_line(&text, "domain", None, None),
-                        route: None,
-                        field: "domain".into(),
-                        message: format!(
-                            "domain \"{}\" is already defined in {}; each domain lives in one file, \
-                             so merge the two files or rename one domain",
-                            domain.name,
-                            first.file.display()
-                        ),
-                    });
-                } else {
-                    set.domains.insert(domain.name.clone(), domain);
+                let line = find_key_line(&text, "domain", None, None);
+                if let Err(e) = add_domain(&mut set, domain, line) {
+                    errors.push(e);
                 }
             }
             Err(mut file_errors) => errors.append(&mut file_errors),
@@ -71,6 +59,31 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LimitSet, ConfigErrors> {
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Adds a domain to a set being built; a second source (file or xDS resource) of one domain
+/// is an error naming both, at `line` of the second when it has lines.
+pub(crate) fn add_domain(
+    set: &mut LimitSet,
+    domain: Domain,
+    line: Option<u64>,
+) -> Result<(), ConfigError> {
+    if let Some(first) = set.domains.get(&domain.name) {
+        return Err(ConfigError {
+            file: domain.file.clone(),
+            line,
+            route: None,
+            field: "domain".into(),
+            message: format!(
+                "domain \"{}\" is already defined in {}; each domain lives in one file (or one \
+                 xDS resource), so merge the two or rename one domain",
+                domain.name,
+                first.file.display()
+            ),
+        });
+    }
+    set.domains.insert(domain.name.clone(), domain);
+    Ok(())
 }
 
 fn list_yaml(dir: &Path) -> std::io::Result<Vec<PathBuf>> {

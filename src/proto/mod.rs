@@ -1,4 +1,4 @@
-//! Generated types of the vendored Envoy protos (RLS v3, RLQS) (see `proto/README.md`).
+//! Generated types of the vendored Envoy protos (RLS v3, RLQS, and xDS) (see `proto/README.md`).
 //!
 //! Only re-exports live here, so the rest of the crate names `proto::rls::RateLimitRequest`
 //! rather than the long Envoy package paths.
@@ -30,6 +30,11 @@ pub mod envoy {
         }
     }
     pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
         pub mod ratelimit {
             pub mod v3 {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
@@ -43,7 +48,29 @@ pub mod envoy {
     }
 }
 
-/// `HeaderValue`.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+pub mod ratelimit {
+    pub mod config {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("ratelimit.config.ratelimit.v3");
+            }
+        }
+    }
+}
+
+/// The ADS state-of-the-world stream (`DiscoveryRequest`, `DiscoveryResponse`), client and
+/// server (the server is the test kit's management server).
+pub use envoy::service::discovery::v3 as discovery;
+/// envoyproxy/ratelimit's `RateLimitConfig`, the resource the xDS limits source reads.
+pub use ratelimit::config::ratelimit::v3 as rls_conf;
+
+/// `HeaderValue`, `Node`.
 pub use envoy::config::core::v3 as core;
 /// `RateLimitDescriptor` and its entries.
 pub use envoy::extensions::common::ratelimit::v3 as descriptor;

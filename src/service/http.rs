@@ -1,4 +1,5 @@
-//! The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/config` and `POST /json`.
+//! The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/config` and `POST /json`, and
+//! `/healthcheck`, envoyproxy/ratelimit's probe (Envoy Gateway's Deployment probes it).
 //!
 //! `/json` runs the same [`RateLimiter::decide`] as gRPC; requests and responses are mapped
 //! with the protobuf JSON mapping (camelCase or proto field names accepted), driven by the
@@ -18,6 +19,7 @@ use serde_json::json;
 
 use super::{RateLimiter, RequestError};
 use crate::config::Settings;
+use crate::config::xds::XdsStatus;
 use crate::limiter::backend::Backend;
 use crate::proto;
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
@@ -87,6 +89,10 @@ pub struct HttpState {
     pub settings: Arc<Settings>,
     pub readiness: Arc<Readiness>,
     pub codec: Arc<JsonCodec>,
+    /// The xDS limits source, when the limits come from one.
+    pub xds: Option<Arc<XdsStatus>>,
+    /// Not ready until the xDS source's first set has arrived.
+    pub wait_for_limits: bool,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -94,6 +100,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/healthcheck", get(healthcheck))
         .route("/config", get(config))
         .route("/json", post(json_api))
         .with_state(state)
@@ -121,6 +128,25 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down, draining in-flight requests\n".into(),
+        );
+    }
+    if let Some(xds) = &s.xds
+        && s.wait_for_limits
+        && !xds.has_first_set()
+    {
+        let shown = xds.shown();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: waiting for the first limits from the xDS management server {} \
+                 (node {}){}\n",
+                shown.server_url,
+                shown.node_id,
+                shown
+                    .last_stream_error
+                    .map(|e| format!("; last stream error: {e}"))
+                    .unwrap_or_default()
+            ),
         );
     }
     let limits = s.limiter.limits();
@@ -155,12 +181,26 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
+/// envoyproxy/ratelimit's health handler, as it answers: 200 `OK` when healthy, 500 with no
+/// body otherwise. Healthy is what `/readyz` calls ready (its reason is in `/readyz`).
+async fn healthcheck(state: State<HttpState>) -> (StatusCode, &'static str) {
+    match readyz(state).await {
+        (StatusCode::OK, _) => (StatusCode::OK, "OK"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, ""),
+    }
+}
+
 async fn config(State(s): State<HttpState>) -> Response {
     let limits = s.limiter.limits();
+    let source = match &s.xds {
+        Some(xds) => json!({ "type": "xds", "xds": xds.shown() }),
+        None => json!({ "type": "files", "dir": s.settings.limits_dir }),
+    };
     let loaded_at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(limits.loaded_at_ms);
     axum::Json(json!({
         "loaded_at": humantime::format_rfc3339_millis(loaded_at).to_string(),
         "content_hash": limits.content_hash,
+        "limits_source": source,
         "settings": *s.settings,
         "domains": limits.to_json(),
         // What Envoy's rate_limit_quota filter can be given: buckets naming these routes.

@@ -23,6 +23,7 @@ pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod envoy;
+pub mod envoy_examples;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
@@ -34,6 +35,7 @@ pub mod sentinel;
 pub mod sluice;
 pub mod stalls;
 pub mod store;
+pub mod xds;
 
 use std::io::Read;
 use std::net::TcpListener;

@@ -387,6 +387,68 @@ impl SluiceProcess {
         }
     }
 
+    /// The binary as envoyproxy/ratelimit's image runs it: through a link named `ratelimit`,
+    /// with no arguments, and only `env` (their variables) in its environment, so neither a
+    /// `SLUICE_*` nor a `PORT` of the developer's shell changes what it does. Listens on
+    /// `grpc_port` and `http_port` (which `env` names as `GRPC_PORT` and `PORT`) on
+    /// 127.0.0.1's behalf; returns once both accept (at most 30 s).
+    pub fn spawn_as_ratelimit(env: &[(&str, &str)], grpc_port: u16, http_port: u16) -> Self {
+        let mut process = Self::launch_clean(None, &[], env, grpc_port, http_port);
+        process.wait_until_accepting(Duration::from_secs(30));
+        process
+    }
+
+    /// `sluice <args>` with only `env` in its environment (no addresses added: `env` sets
+    /// them, to `grpc_port` and `http_port`), without waiting for anything.
+    pub fn launch_bare(
+        args: &[&str],
+        env: &[(&str, &str)],
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Self {
+        Self::launch_clean(Some("sluice"), args, env, grpc_port, http_port)
+    }
+
+    /// The binary under `name` (`None`: as `ratelimit`, through a link) with a cleared
+    /// environment plus `env`.
+    fn launch_clean(
+        name: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Self {
+        let logs = tempfile::tempdir().expect("temp dir for sluice logs");
+        let program = match name {
+            Some(_) => std::path::PathBuf::from(env!("CARGO_BIN_EXE_sluice")),
+            None => {
+                let link = logs.path().join("ratelimit");
+                std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sluice"), &link)
+                    .expect("link ratelimit -> sluice");
+                link
+            }
+        };
+        let mut cmd = Command::new(&program);
+        cmd.args(args).current_dir(logs.path()).env_clear();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = std::fs::File::create(logs.path().join("stdout")).expect("stdout file");
+        let err = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self {
+            child: Some(child),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            logs,
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

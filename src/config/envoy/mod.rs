@@ -17,6 +17,9 @@
 //!   everything; `requests_per_unit` with `unlimited`) become [`ConfigError`]s naming the
 //!   file, the line, the descriptor path (in `route`, as `key=value/key2`) and the field.
 //!
+//! The same format arrives over xDS as `RateLimitConfig` messages ([`from_proto`]): they are
+//! read into the raw form a file is read into and built by the same code.
+//!
 //! `detailed_metric` and `value_to_metric` only change upstream's stats names and are
 //! accepted without effect, because sluice's metric labels come from configuration names
 //! only (the matched descriptor path, never request values).
@@ -32,6 +35,9 @@ use crate::limits::{
     DecisionHandles, DescriptorLimit, DescriptorTree, Domain, DomainHandles, DomainLimits, Level,
     Node, Threshold, Unit,
 };
+
+mod xds;
+pub use xds::from_proto;
 
 /// What `sluice check` and `/config` call this format.
 pub const FORMAT: &str = crate::limits::ENVOY_FORMAT;
@@ -117,13 +123,25 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Domain, Vec<ConfigError>> {
             return Err(vec![err]);
         }
     };
+    build(file, text, &raw, &unknown)
+}
+
+/// The one builder behind both inputs of this format, a YAML file and a `RateLimitConfig`
+/// pushed over xDS: every check and every default lives here once, so the same limits give
+/// the same domain whichever way they came.
+fn build(
+    file: &Path,
+    text: &str,
+    raw: &FileRaw,
+    unknown: &[String],
+) -> Result<Domain, Vec<ConfigError>> {
     let mut cx = Cx {
         file,
         text,
         errors: Vec::new(),
     };
-    for path in &unknown {
-        cx.unknown_field(&raw, path);
+    for path in unknown {
+        cx.unknown_field(raw, path);
     }
     let name = match &raw.domain {
         Some(d) if !d.value.trim().is_empty() => d.value.clone(),
@@ -204,7 +222,8 @@ impl Cx<'_> {
     ) {
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
-            line,
+            // A resource pushed over xDS has no lines: its spans are unknown (line 0).
+            line: line.filter(|&l| l != 0),
             route: path.map(str::to_string),
             field: field.into(),
             message: message.into(),
@@ -568,25 +587,4 @@ fn parse_unit(text: &str) -> Option<Unit> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn format_is_told_by_a_top_level_descriptors_key() {
-        assert!(is_envoy_format("domain: a\ndescriptors: []\n"));
-        assert!(is_envoy_format("domain: a\ndescriptors:\n"));
-        assert!(!is_envoy_format("domain: a\nroutes: []\n"));
-        // Not valid YAML: judged by the line.
-        assert!(is_envoy_format("domain: a\ndescriptors:\n  - key: [\n"));
-        assert!(!is_envoy_format("domain: a\nroutes:\n  - descriptors: [\n"));
-    }
-
-    #[test]
-    fn units_are_read_in_any_case() {
-        assert_eq!(parse_unit("second"), Some(Unit::Second));
-        assert_eq!(parse_unit("Minute"), Some(Unit::Minute));
-        assert_eq!(parse_unit("WEEK"), Some(Unit::Week));
-        assert_eq!(parse_unit("unknown"), None);
-        assert_eq!(parse_unit(""), None);
-    }
-}
+mod tests;

@@ -14,6 +14,9 @@ use serde_json::Value;
 
 pub use crate::limits::{REDACTED, RedisSettings, redact_url};
 
+mod sources;
+pub use sources::{LimitsSource, XdsSettings, XdsTlsSettings, parse_pairs};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -21,8 +24,17 @@ pub struct Settings {
     pub grpc_addr: String,
     /// HTTP listen address (metrics, health, config dump, JSON API).
     pub http_addr: String,
-    /// Directory of limits files (`*.yaml`), watched for changes.
+    /// A second HTTP listen address serving the same routes, for deployments that scrape
+    /// metrics on a port of their own (envoyproxy/ratelimit's `PROMETHEUS_ADDR`; Envoy
+    /// Gateway's pod annotations point Prometheus at it).
+    pub metrics_addr: Option<String>,
+    /// Where the limits come from: the files of `limits_dir`, or an xDS management server
+    /// (`xds`).
+    pub limits_source: LimitsSource,
+    /// Directory of limits files (`*.yaml`), watched for changes (`limits_source: files`).
     pub limits_dir: PathBuf,
+    /// The management server the limits are read from (`limits_source: xds`).
+    pub xds: XdsSettings,
     /// How often the limits directory is also checked for changes, besides file events and
     /// SIGHUP (a safety net for file systems without events).
     #[serde(with = "humantime_serde")]
@@ -58,7 +70,10 @@ impl Default for Settings {
         Self {
             grpc_addr: "0.0.0.0:8081".into(),
             http_addr: "0.0.0.0:8080".into(),
+            metrics_addr: None,
+            limits_source: LimitsSource::Files,
             limits_dir: PathBuf::from("config/limits"),
+            xds: XdsSettings::default(),
             limits_poll_interval: Duration::from_secs(5),
             backend: Backend::Memory,
             log: "info".into(),
@@ -282,7 +297,10 @@ impl Settings {
         for (name, addr) in [
             ("grpc_addr", &self.grpc_addr),
             ("http_addr", &self.http_addr),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.metrics_addr.as_ref().map(|a| ("metrics_addr", a)))
+        {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid(format!(
                     "{name}: \"{addr}\" is not an address: write host:port, e.g. 0.0.0.0:8081"
@@ -300,6 +318,49 @@ impl Settings {
             ));
         }
         let mut problems = Vec::new();
+        if self.limits_source == LimitsSource::Xds {
+            let url = &self.xds.server_url;
+            let port_ok = url
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                problems.push(format!(
+                    "xds.server_url (SLUICE_XDS_SERVER_URL): \"{url}\" is not host:port: name \
+                     the management server, e.g. envoy-gateway.envoy-gateway-system:18001 \
+                     (limits_source is xds)"
+                ));
+            }
+            if self.xds.node_id.trim().is_empty() {
+                problems.push(
+                    "xds.node_id (SLUICE_XDS_NODE_ID): is empty: the management server keys \
+                     snapshots by node id; set the one it serves the limits to"
+                        .into(),
+                );
+            }
+        }
+        for (name, text, separator) in [
+            ("xds.node_metadata", &self.xds.node_metadata, '='),
+            ("xds.headers", &self.xds.headers, ':'),
+        ] {
+            if let Err(e) = parse_pairs(text, separator) {
+                problems.push(format!("{name} ({}): {e}", env_name(name)));
+            }
+        }
+        if self.xds.tls.cert_file.is_some() != self.xds.tls.key_file.is_some() {
+            problems.push(
+                "xds.tls: set both cert_file and key_file (or neither, to present no client \
+                 certificate)"
+                    .into(),
+            );
+        }
+        if self.xds.backoff_initial > self.xds.backoff_max {
+            problems.push(format!(
+                "xds.backoff_initial ({}) is longer than xds.backoff_max ({}): the first delay \
+                 cannot exceed the cap",
+                humantime::format_duration(self.xds.backoff_initial),
+                humantime::format_duration(self.xds.backoff_max)
+            ));
+        }
         let mut count = |name: &str, value: u64, min: u64, max: u64| {
             if !(min..=max).contains(&value) {
                 problems.push(format!(
@@ -345,6 +406,12 @@ impl Settings {
         count("redis.database", u64::from(self.redis.database), 0, 255);
         count("redis.pool_size", self.redis.pool_size as u64, 1, 256);
         count(
+            "xds.max_message_bytes",
+            self.xds.max_message_bytes as u64,
+            4096,
+            1 << 30,
+        );
+        count(
             "fallback.replicas",
             u64::from(self.fallback.replicas),
             1,
@@ -389,6 +456,19 @@ impl Settings {
         );
         span("shutdown_grace", self.shutdown_grace, ms(0), secs(600));
         span(
+            "xds.backoff_initial",
+            self.xds.backoff_initial,
+            ms(10),
+            secs(600),
+        );
+        span("xds.backoff_max", self.xds.backoff_max, ms(10), secs(3600));
+        span(
+            "xds.connect_timeout",
+            self.xds.connect_timeout,
+            ms(10),
+            secs(300),
+        );
+        span(
             "redis.connect_timeout",
             self.redis.connect_timeout,
             ms(10),
@@ -420,6 +500,10 @@ impl Settings {
             shown.redis.password = Some(REDACTED.into());
         }
         shown.redis.url = redact_url(&shown.redis.url);
+        if !shown.xds.headers.is_empty() {
+            // Headers often carry a bearer token.
+            shown.xds.headers = REDACTED.into();
+        }
         shown
     }
 }
@@ -466,6 +550,8 @@ fn apply_env(
         }
     }
 }
+
+pub mod compat;
 
 #[cfg(test)]
 mod tests;
