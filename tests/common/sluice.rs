@@ -320,6 +320,21 @@ impl LiveSluice {
 
 // ----- the binary -----
 
+/// Starts `cmd` with `env` added, its stdin closed and its output in `logs` (`stdout`,
+/// `stderr`), where [`SluiceProcess::output`] reads it.
+fn spawn_logged(mut cmd: Command, env: &[(&str, &str)], logs: &Path, what: &str) -> Child {
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = std::fs::File::create(logs.join("stdout")).expect("stdout file");
+    let err = std::fs::File::create(logs.join("stderr")).expect("stderr file");
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"))
+}
+
 /// `sluice` (the binary under test) run from the repository root with a clean environment:
 /// no inherited `SLUICE_*` variable changes what it does.
 pub fn sluice_command() -> Command {
@@ -368,17 +383,7 @@ impl SluiceProcess {
         cmd.args(args)
             .env("SLUICE_GRPC_ADDR", grpc_addr.to_string())
             .env("SLUICE_HTTP_ADDR", http_addr.to_string());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = std::fs::File::create(logs.path().join("stdout")).expect("stdout file");
-        let err = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the sluice binary: {e}"));
+        let child = spawn_logged(cmd, env, logs.path(), "the sluice binary");
         Self {
             child: Some(child),
             grpc_addr,
@@ -430,17 +435,7 @@ impl SluiceProcess {
         };
         let mut cmd = Command::new(&program);
         cmd.args(args).current_dir(logs.path()).env_clear();
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = std::fs::File::create(logs.path().join("stdout")).expect("stdout file");
-        let err = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let child = spawn_logged(cmd, env, logs.path(), &program.display().to_string());
         Self {
             child: Some(child),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
