@@ -25,6 +25,11 @@ pub const STORE_DURATION: &str = "sluice_store_duration_seconds";
 pub const STORE_ERRORS: &str = "sluice_store_errors_total";
 pub const FALLBACK_ACTIVE: &str = "sluice_fallback_active";
 pub const BREAKER_TRANSITIONS: &str = "sluice_breaker_transitions_total";
+/// Hits the fallback admitted and owes the store, written back, expired unwritten, and
+/// fallback takes refused because the ledger was full (`state` label).
+pub const FALLBACK_HITS: &str = "sluice_fallback_hits_total";
+/// Hits admitted by the fallback and not yet recorded by the store.
+pub const FALLBACK_OWED: &str = "sluice_fallback_owed_hits";
 pub const OVER_LIMIT_CACHE_ENTRIES: &str = "sluice_over_limit_cache_entries";
 pub const OVER_LIMIT_CACHE_HITS: &str = "sluice_over_limit_cache_hits_total";
 pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
@@ -197,6 +202,10 @@ impl Metrics {
                 "Requests answered from the over-limit cache",
             ),
             (
+                FALLBACK_HITS,
+                "Hits the fallback admitted, by state: owed (admitted while the store could not answer), written_back (recorded by the store since), expired (their window ended before the store answered again), forgiven (the store had counted them itself: the call left before the request's deadline passed), refused (takes refused because the ledger of owed hits was full)",
+            ),
+            (
                 CONFIG_RELOADS,
                 "Limits loads by result (success, failure); the initial load counts",
             ),
@@ -263,6 +272,10 @@ impl Metrics {
                 "Unix time of the last successful limits load",
             ),
             (MEMORY_ENTRIES, "Counters held by the memory store"),
+            (
+                FALLBACK_OWED,
+                "Hits the fallback admitted that the store has not recorded yet",
+            ),
             (RLQS_STREAMS, "RLQS streams open"),
             (RLQS_BUCKETS, "RLQS buckets held by the open streams"),
             (
@@ -294,6 +307,10 @@ impl Metrics {
         self.counter(OVER_LIMIT_CACHE_HITS, &[]).absolute(0);
         for to in ["open", "half_open", "closed"] {
             self.counter(BREAKER_TRANSITIONS, &[("to", to)]).absolute(0);
+        }
+        self.gauge(FALLBACK_OWED, &[]).set(0.0);
+        for state in ["owed", "written_back", "expired", "forgiven", "refused"] {
+            self.counter(FALLBACK_HITS, &[("state", state)]).absolute(0);
         }
         for result in ["success", "failure"] {
             self.counter(CONFIG_RELOADS, &[("result", result)])

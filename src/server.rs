@@ -186,6 +186,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
                     probe_interval: settings.fallback.probe_interval,
                 },
                 settings.over_limit_cache.max_entries,
+                clock.clone(),
                 metrics.clone(),
                 stopped.clone(),
             )

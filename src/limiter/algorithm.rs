@@ -47,7 +47,7 @@ pub fn fixed_window(
         _ => 0,
     };
     let count = match mode {
-        HitMode::Take => before.saturating_add(hits),
+        HitMode::Take | HitMode::Charge => before.saturating_add(hits),
         HitMode::Give => before.saturating_sub(hits),
     };
     // A check (zero hits) asks whether one more hit would pass: over when nothing is left.
@@ -118,6 +118,18 @@ pub fn sliding_window(
                     reset_ms: end,
                 },
                 curr,
+            )
+        }
+        // Admitted elsewhere already: counted whatever the estimate says.
+        HitMode::Charge => {
+            let after = estimate.saturating_add(hits);
+            (
+                Outcome {
+                    over: after > limit,
+                    remaining: limit.saturating_sub(after),
+                    reset_ms: end,
+                },
+                curr.saturating_add(hits),
             )
         }
         HitMode::Take => {
@@ -242,6 +254,19 @@ pub fn token_bucket(
                     reset_ms: ms(used),
                 },
                 TokenBucket { tat_us: tat },
+            )
+        }
+        // Admitted elsewhere already: the tokens are spent whatever the bucket holds.
+        HitMode::Charge => {
+            let next = tat.saturating_add(cost);
+            let used = next - now_us;
+            (
+                Outcome {
+                    over: used > capacity,
+                    remaining: capacity.saturating_sub(used) / interval,
+                    reset_ms: ms(used),
+                },
+                TokenBucket { tat_us: next },
             )
         }
         HitMode::Take => {

@@ -25,8 +25,22 @@ pub trait Remote: Store {
     /// `Ok` when a connection is up; the reason otherwise (for `/readyz`).
     fn ready(&self) -> Result<(), String>;
 
-    /// A cheap round trip (PING) that succeeds once the store answers again.
+    /// A real write (the counting script on a probe key) that succeeds once the store takes
+    /// writes again. Not a PING: a Redis out of memory, read-only or refusing the credentials
+    /// answers PING and still cannot count.
     fn probe(&self) -> StoreFuture<'_>;
+
+    /// Whether the store has answered within `within` (or has nothing outstanding): a call
+    /// that timed out then waited behind sluice's own queue, which is load, not a failure.
+    fn answering(&self, within: std::time::Duration) -> bool {
+        let _ = within;
+        false
+    }
+
+    /// Registers who is told what the store counted for calls whose requests gave up.
+    fn on_orphans(&self, handler: super::redis::batch::Orphans) {
+        let _ = handler;
+    }
 }
 
 pub struct Backend {
@@ -66,13 +80,21 @@ impl Backend {
         memory: Arc<MemoryStore>,
         fallback: FallbackConfig,
         cache_entries: usize,
+        clock: Arc<dyn crate::clock::Clock>,
         metrics: Arc<Metrics>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let source = remote.source();
         // As many leased counters as the memory store holds counters.
         let leasing = Arc::new(Leasing::new(remote.clone(), memory.capacity()));
-        let fallback = Fallback::new(leasing.clone(), memory.clone(), fallback, metrics, stop);
+        let fallback = Fallback::new(
+            leasing.clone(),
+            memory.clone(),
+            fallback,
+            clock,
+            metrics,
+            stop,
+        );
         let cache = Arc::new(OverLimitCache::new(
             Arc::new(FallbackStore(fallback.clone())),
             cache_entries,
@@ -107,6 +129,11 @@ impl Backend {
         }
     }
 
+    /// Why the fallback answers instead of the store, with what to do; `None` when it does not.
+    pub fn fallback_reason(&self) -> Option<String> {
+        self.remote.as_ref().and_then(|p| p.fallback.reason())
+    }
+
     /// Whether the fallback answers instead of the remote store right now.
     pub fn fallback_active(&self) -> bool {
         self.remote.as_ref().is_some_and(|p| p.fallback.is_open())
@@ -117,6 +144,7 @@ impl Backend {
         self.memory.sweep(now);
         if let Some(parts) = &self.remote {
             parts.cache.sweep(now);
+            parts.fallback.ledger().sweep(now);
             parts.leasing.sweep(now);
         }
     }
@@ -132,6 +160,20 @@ impl Backend {
                 .set(parts.cache.len() as f64);
             m.counter(metrics::OVER_LIMIT_CACHE_HITS, &[])
                 .absolute(parts.cache.hits());
+            let ledger = parts.fallback.ledger();
+            m.gauge(metrics::FALLBACK_OWED, &[])
+                .set(ledger.outstanding() as f64);
+            let stats = ledger.stats();
+            for (state, value) in [
+                ("owed", &stats.owed),
+                ("written_back", &stats.written_back),
+                ("expired", &stats.expired),
+                ("forgiven", &stats.forgiven),
+                ("refused", &stats.refused),
+            ] {
+                m.counter(metrics::FALLBACK_HITS, &[("state", state)])
+                    .absolute(value.load(Ordering::Relaxed));
+            }
             let lease = parts.leasing.stats();
             m.counter(metrics::LEASES, &[])
                 .absolute(lease.leases.load(Ordering::Relaxed));

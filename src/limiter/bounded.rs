@@ -65,6 +65,57 @@ impl<V> BoundedMap<V> {
     }
 
     /// A copy of the value of `key`, if present.
+    /// As [`BoundedMap::update`], but a new key at the bound is not judged at all: `None`
+    /// says there was no room, for callers that must refuse rather than forget.
+    pub fn try_update<R>(&self, key: &str, update: impl FnOnce(Option<&V>) -> (R, V)) -> Option<R> {
+        if let Some(mut entry) = self.map.get_mut(key) {
+            let (result, value) = update(Some(&*entry));
+            *entry = value;
+            return Some(result);
+        }
+        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match self.map.entry(key.to_owned()) {
+            dashmap::Entry::Occupied(mut occupied) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                let (result, value) = update(Some(occupied.get()));
+                occupied.insert(value);
+                Some(result)
+            }
+            dashmap::Entry::Vacant(vacant) => {
+                let (result, value) = update(None);
+                vacant.insert(value);
+                Some(result)
+            }
+        }
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove(&self, key: &str) -> bool {
+        let removed = self.map.remove(key).is_some();
+        if removed {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed
+    }
+
+    /// Calls `f` with every key (one shard locked at a time; `f` must not touch the map).
+    pub fn for_each_key(&self, mut f: impl FnMut(&str)) {
+        for entry in self.map.iter() {
+            f(entry.key());
+        }
+    }
+
+    /// Calls `f` with every value (one shard locked at a time; `f` must not touch the map).
+    pub fn for_each_value(&self, mut f: impl FnMut(&V)) {
+        for entry in self.map.iter() {
+            f(entry.value());
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<V>
     where
         V: Copy,

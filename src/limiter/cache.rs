@@ -40,9 +40,14 @@ impl OverLimitCache {
     }
 
     /// Remembers what the store itself found over; never the fallback's guesses, so when the
-    /// store is back its counts decide again at once.
+    /// store is back its counts decide again at once. A give-back forgets its counter: what
+    /// it returned may let the next hit pass, and only the store can say.
     fn remember(&self, ops: &[CounterOp], now: u64) {
         for op in ops {
+            if op.mode == HitMode::Give {
+                self.until.remove(&op.counter);
+                continue;
+            }
             let from_store = matches!(op.source, Source::Memory | Source::Redis);
             let windowed = op.algorithm != Algorithm::Concurrent;
             if op.outcome.over

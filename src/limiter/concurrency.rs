@@ -75,7 +75,8 @@ pub fn concurrent(
             slots.expiries.drain(..moved as usize);
             moved
         }
-        HitMode::Take => {
+        // Never sent for slots (nothing is written back for them); taken as a take.
+        HitMode::Take | HitMode::Charge => {
             over = before.saturating_add(hits.max(1)) > limit;
             let room = limit.saturating_add(MAX_HELD_OVER).saturating_sub(before);
             let moved = hits.min(room);

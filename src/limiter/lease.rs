@@ -362,4 +362,12 @@ impl Remote for Leasing {
     fn probe(&self) -> StoreFuture<'_> {
         self.inner.probe()
     }
+
+    fn answering(&self, within: std::time::Duration) -> bool {
+        self.inner.answering(within)
+    }
+
+    fn on_orphans(&self, handler: super::redis::batch::Orphans) {
+        self.inner.on_orphans(handler);
+    }
 }

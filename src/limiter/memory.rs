@@ -79,6 +79,19 @@ impl MemoryStore {
         });
     }
 
+    /// Replaces `op`'s counter with one that holds `hits` charged at `at`: where the fallback
+    /// starts a counter the store has been counting (see [`super::reconcile`]).
+    pub fn seed(&self, op: &CounterOp, at: u64, hits: u64) {
+        if op.algorithm == Algorithm::Concurrent {
+            return;
+        }
+        self.counters.update(&op.counter, |_| {
+            let (_, state, expires_at) =
+                algorithm::apply(op.algorithm, None, at, &op.threshold, hits, HitMode::Charge);
+            ((), Entry { state, expires_at })
+        });
+    }
+
     /// Drops every counter whose state expired at `now`. Run periodically by the server.
     pub fn sweep(&self, now: u64) -> usize {
         self.counters.retain(|e| e.expires_at > now) + self.slots.retain(|e| e.expires_at > now)

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod lease;
 pub mod memory;
 pub mod quota;
+pub mod reconcile;
 pub mod redis;
 
 use std::future::Future;
@@ -77,6 +78,9 @@ impl std::fmt::Display for Source {
 pub enum HitMode {
     Take,
     Give,
+    /// Records hits already admitted elsewhere, whatever the counter holds: what the fallback
+    /// writes back when the store answers again (see [`reconcile`]). Never from a request.
+    Charge,
 }
 
 /// The answer of an algorithm for one counter.
@@ -165,6 +169,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store returned an unexpected reply: {0}")]
     BadReply(String),
+    /// The store is up but refuses to count (out of memory, read-only, credentials...):
+    /// `kind` is a fixed label, `detail` what it said and what to do about it.
+    #[error("{detail}")]
+    Refused { kind: &'static str, detail: String },
     /// The store failed and a route's `fallback: error` declines to answer in its place.
     /// The failure was counted where it happened (in the fallback), so whoever receives this
     /// must not count it again.
@@ -179,6 +187,7 @@ impl StoreError {
             StoreError::Timeout => "timeout",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::BadReply(_) => "bad_reply",
+            StoreError::Refused { kind, .. } => kind,
             StoreError::Declined(inner) => inner.kind(),
         }
     }

@@ -151,6 +151,19 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     }
     let limits = s.limiter.limits();
     let store = &s.backend;
+    // The fallback answers every request fast, so the replica stays in rotation: taking
+    // every replica out when the shared Redis fails would leave Envoy with no RLS at all.
+    // The reason says what the store refuses and what to do.
+    if let Some(reason) = store.fallback_reason() {
+        return (
+            StatusCode::OK,
+            format!(
+                "ready: fallback active (store {}: {reason}); limits loaded ({} domains)\n",
+                store.source(),
+                limits.domains.len()
+            ),
+        );
+    }
     match store.ready() {
         Ok(()) => (
             StatusCode::OK,

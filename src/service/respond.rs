@@ -241,7 +241,7 @@ fn slot_metrics(
             continue;
         }
         let (taken, given) = match op.mode {
-            HitMode::Take => (op.granted, 0),
+            HitMode::Take | HitMode::Charge => (op.granted, 0),
             HitMode::Give => (0, op.granted),
         };
         let handles = (&route.handles.slots_in_use, &route.handles.slots_expired);

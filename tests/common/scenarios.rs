@@ -79,6 +79,14 @@ pub fn give(counter: &str, threshold: Threshold, hits: u64) -> Op {
     }
 }
 
+/// Hits admitted elsewhere (the fallback's write-back): recorded whatever the counter holds.
+pub fn charge(counter: &str, threshold: Threshold, hits: u64) -> Op {
+    Op {
+        mode: HitMode::Charge,
+        ..take(counter, threshold, hits)
+    }
+}
+
 fn step(now: u64, ops: Vec<Op>) -> Step {
     Step { now, ops }
 }
@@ -125,6 +133,19 @@ pub fn scenarios() -> Vec<Scenario> {
                 step(BASE_MS + 1_001, vec![op.clone()]),
                 step(BASE_MS + 1_999, vec![op.clone()]),
                 step(BASE_MS + 5_000, vec![op.clone()]),
+            ]
+        }),
+        s("a charge is recorded past the limit", {
+            let c = |now, op| step(now, vec![op]);
+            vec![
+                c(t0, take("c", five_a_minute, 3)),
+                c(t0 + 1, charge("c", five_a_minute, 4)),
+                c(t0 + 2, take("c", five_a_minute, 1)),
+                c(t0 + 3, give("c", five_a_minute, 4)),
+                c(t0 + 4, take("c", five_a_minute, 1)),
+                c(t0 + 5, charge("c", five_a_minute, 1)),
+                c(t0 + 6, take("c", five_a_minute, 0)),
+                c(t0 + 60_000, take("c", five_a_minute, 1)),
             ]
         }),
         s("give back: subtracts, never below zero", {
@@ -310,7 +331,7 @@ impl Model {
         let window = now - now % period;
         let count = self.counts.entry((op.counter.clone(), window)).or_insert(0);
         *count = match op.mode {
-            HitMode::Take => count.saturating_add(op.hits),
+            HitMode::Take | HitMode::Charge => count.saturating_add(op.hits),
             HitMode::Give => count.saturating_sub(op.hits),
         };
         // Zero hits checks whether one more would pass: over when nothing is left.

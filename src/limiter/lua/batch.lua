@@ -3,7 +3,8 @@
 --
 -- ARGV[1]  the number of calls; then per call:
 --          algorithm (1 fixed_window, 2 sliding_window, 3 token_bucket, 4 concurrent), number of keys,
---          limit, period ms, now ms, hits, 1 to give back / 0 to take, burst, lease block
+--          limit, period ms, now ms, hits, 0 to take / 1 to give back / 2 to charge
+--          (record hits admitted elsewhere, whatever the counter holds), burst, lease block
 -- KEYS     every call's keys, in call order
 --
 -- Returns one { over, remaining, reset_ms[, hits taken[, slots expired]] } per call, in call

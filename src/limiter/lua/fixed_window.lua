@@ -5,7 +5,8 @@
 -- ARGV[2]  period in ms
 -- ARGV[3]  now in ms since the epoch (the caller's clock, so every replica agrees)
 -- ARGV[4]  hits
--- ARGV[5]  1 to give hits back (is_negative_hits), 0 to take them
+-- ARGV[5]  1 to give hits back (is_negative_hits), 0 to take them, 2 to charge them (a take:
+--          a fixed window counts every hit, over or not)
 -- ARGV[6]  (burst, unused here)
 -- ARGV[7]  0, or a lease: take up to this many hits at once (limiter::algorithm::
 --          fixed_window_lease): at least ARGV[4], at most what is left and at most an

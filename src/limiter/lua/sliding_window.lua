@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  sluice:{<counter id>}:<window>            this window's admitted hits
 -- KEYS[2]  sluice:{<counter id>}:<window - period>   the previous window's
--- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them
+-- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them / 2 to charge
+--          them (hits admitted elsewhere: counted whatever the estimate says)
 --
 -- Returns { over (0|1), remaining, reset_ms }. The arithmetic follows the Rust function step
 -- by step (same operations in the same order on doubles), so both answer alike.
@@ -33,6 +34,23 @@ if ARGV[5] == '1' then
     over = 1
   end
   local remaining = limit - estimate
+  if remaining < 0 then
+    remaining = 0
+  end
+  return { over, remaining, to_end }
+end
+
+if ARGV[5] == '2' then
+  local after = estimate + hits
+  if hits > 0 then
+    redis.call('INCRBY', KEYS[1], ARGV[4])
+    redis.call('PEXPIRE', KEYS[1], window + 2 * period - now)
+  end
+  local over = 0
+  if after > limit then
+    over = 1
+  end
+  local remaining = limit - after
   if remaining < 0 then
     remaining = 0
   end

@@ -1,7 +1,8 @@
 -- token_bucket (GCRA), the twin of limiter::algorithm::token_bucket.
 --
 -- KEYS[1]  sluice:{<counter id>}:tb   the theoretical arrival time, µs since the epoch
--- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them, burst,
+-- ARGV     limit, period ms, now ms, hits, 1 to give hits back / 0 to take them / 2 to charge
+--          them (tokens spent elsewhere: spent whatever the bucket holds), burst,
 --          0 or a lease: take up to this many tokens at once (limiter::algorithm::
 --          token_bucket_lease): at least ARGV[4], at most what the bucket holds and at most
 --          an eighth of it unless ARGV[4] alone needs more
@@ -54,6 +55,17 @@ if ARGV[5] == '1' then
   store(tat)
   local used = tat - now_us
   return { 0, math.floor(math.max(capacity - used, 0) / interval), to_ms(used), 0 }
+end
+
+if ARGV[5] == '2' then
+  local next_tat = tat + cost
+  store(next_tat)
+  local used = next_tat - now_us
+  local over = 0
+  if used > capacity then
+    over = 1
+  end
+  return { over, math.floor(math.max(capacity - used, 0) / interval), to_ms(used), 0 }
 end
 
 if block > 0 and hits > 0 then

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, Value};
@@ -33,7 +34,7 @@ const MAX_CALLS: usize = 256;
 /// The batch script: the four algorithm scripts as local functions, and a loop over the
 /// calls. `ARGV[1]` is the number of calls; each call then has its algorithm (1 fixed window,
 /// 2 sliding window, 3 token bucket, 4 concurrent), its number of keys and its seven arguments (limit,
-/// period ms, now ms, hits, 1 to give back, burst, lease block or 0); `KEYS` holds every
+/// period ms, now ms, hits, 0 to take / 1 to give back / 2 to charge, burst, lease block or 0); `KEYS` holds every
 /// call's keys in order.
 pub fn script() -> String {
     let function =
@@ -60,6 +61,7 @@ pub fn script() -> String {
 }
 
 /// One counter call, as the batch script takes it.
+#[derive(Clone)]
 pub struct Call {
     first: String,
     second: Option<String>,
@@ -85,7 +87,11 @@ impl Call {
                 period,
                 now,
                 op.hits,
-                u64::from(op.mode == HitMode::Give),
+                match op.mode {
+                    HitMode::Take => 0,
+                    HitMode::Give => 1,
+                    HitMode::Charge => 2,
+                },
                 op.threshold.burst.unwrap_or(op.threshold.limit),
                 op.block,
             ],
@@ -93,7 +99,7 @@ impl Call {
     }
 
     /// The cluster slot of the call: every key of a counter shares its hash tag.
-    fn slot(&self) -> u16 {
+    pub fn slot(&self) -> u16 {
         fred::util::redis_keyslot(self.first.as_bytes())
     }
 }
@@ -115,6 +121,71 @@ pub struct Shared {
     /// A cluster takes one batch per slot; a single node or Sentinel master takes any keys.
     pub clustered: bool,
     pub target: String,
+    pub progress: Progress,
+    /// The last error a connection reported (secrets removed), so "no connection is up"
+    /// can say why: a refused password, a full Redis... Cleared when a connection is made.
+    pub last_error: std::sync::Mutex<Option<String>>,
+    /// Told what Redis counted for calls whose requests had given up (see [`orphaned`]).
+    pub orphans: std::sync::OnceLock<Orphans>,
+}
+
+/// `(counter id, window start or 0 for a token bucket, hits counted)`.
+pub type Orphans = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+impl Shared {
+    /// `" (last error: ...)"`, or nothing when no connection error was seen.
+    pub fn last_error_note(&self) -> String {
+        match self.last_error.lock().ok().and_then(|e| e.clone()) {
+            Some(e) => format!(" (last error: {e})"),
+            None => String::new(),
+        }
+    }
+}
+
+/// Whether Redis keeps answering: what tells a timeout caused by sluice's own queue (Redis
+/// answers, the request waited behind others) from one caused by Redis (nothing came back).
+#[derive(Debug)]
+pub struct Progress {
+    epoch: std::time::Instant,
+    /// Batches sent and not answered.
+    out: AtomicUsize,
+    /// When Redis last answered a batch, or when a batch left while none was out (ms since
+    /// `epoch`).
+    last: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            out: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn sent(&self) {
+        if self.out.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.last.store(self.now(), Ordering::Release);
+        }
+    }
+
+    fn answered(&self) {
+        self.last.store(self.now(), Ordering::Release);
+        self.out.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Nothing is out, or Redis answered something within `within`.
+    pub fn answering(&self, within: std::time::Duration) -> bool {
+        self.out.load(Ordering::Acquire) == 0
+            || self.now().saturating_sub(self.last.load(Ordering::Acquire))
+                <= within.as_millis() as u64
+    }
 }
 
 /// Starts the dispatcher; it ends when every sender is dropped (the store is gone).
@@ -135,16 +206,26 @@ async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>, i
         let Some(first) = jobs.recv().await else {
             return;
         };
-        let mut calls = first.calls.len();
-        let mut batch = vec![first];
+        // A job whose request gave up (its deadline passed and the fallback answered it,
+        // owing the hits to the store) is not sent: sent, it would be counted twice.
+        let mut calls = 0;
+        let mut batch = Vec::new();
+        if !first.reply.is_closed() {
+            calls = first.calls.len();
+            batch.push(first);
+        }
         while calls < MAX_CALLS {
             match jobs.try_recv() {
+                Ok(job) if job.reply.is_closed() => {}
                 Ok(job) => {
                     calls += job.calls.len();
                     batch.push(job);
                 }
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -164,26 +245,74 @@ async fn run(shared: &Arc<Shared>, batch: Vec<Job>) {
         calls.extend(job.calls);
     }
     let results = if shared.clustered {
-        send_by_slot(shared, calls).await
+        send_by_slot(shared, &calls).await
     } else {
         send(shared, 0, &calls).await
     };
     let mut results = results.into_iter();
+    let mut first = 0;
     for (reply, count) in waiting {
-        // The request may have given up (its timeout passed); nothing to do then.
-        let _ = reply.send(results.by_ref().take(count).collect());
+        // The request may have given up (its deadline passed and the fallback answered it):
+        // Redis counted its hits anyway, which the fallback must not owe as well.
+        if let Err(replies) = reply.send(results.by_ref().take(count).collect()) {
+            orphaned(shared, &calls[first..first + count], replies);
+        }
+        first += count;
+    }
+}
+
+/// What Redis counted for calls whose requests gave up: reported to the orphan handler, so
+/// the hits the fallback owes for them are forgiven instead of counted twice.
+fn orphaned(shared: &Shared, calls: &[Call], replies: Replies) {
+    let Some(handler) = shared.orphans.get() else {
+        return;
+    };
+    for (call, reply) in calls.iter().zip(replies) {
+        let [_, period, now, hits, mode, _, _] = call.args;
+        if mode != 0 {
+            continue;
+        }
+        let Ok((answer, taken, _)) = reply
+            .map_err(drop)
+            .and_then(|v| super::outcome(v).map_err(drop))
+        else {
+            continue;
+        };
+        let counted = match call.algorithm {
+            // A fixed window counts every hit, admitted or not.
+            1 => hits,
+            _ => taken
+                .unwrap_or(if answer.over { 0 } else { hits })
+                .min(hits),
+        };
+        let Some(counter) = call
+            .first
+            .strip_prefix("sluice:{")
+            .and_then(|rest| rest.rsplit_once("}:"))
+            .map(|(counter, _)| counter)
+        else {
+            continue;
+        };
+        let window = if call.algorithm == 3 {
+            0
+        } else {
+            now - now % period.max(1)
+        };
+        if counted > 0 {
+            handler(counter, window, counted);
+        }
     }
 }
 
 /// A cluster's batch: one command per slot, all sent at once (different slots live on
 /// different nodes); the results in call order.
-async fn send_by_slot(shared: &Arc<Shared>, calls: Vec<Call>) -> Replies {
+async fn send_by_slot(shared: &Arc<Shared>, calls: &[Call]) -> Replies {
     let total = calls.len();
     let mut groups: HashMap<u16, (Vec<usize>, Vec<Call>)> = HashMap::new();
-    for (i, call) in calls.into_iter().enumerate() {
+    for (i, call) in calls.iter().enumerate() {
         let (positions, group) = groups.entry(call.slot()).or_default();
         positions.push(i);
-        group.push(call);
+        group.push(call.clone());
     }
     if groups.len() == 1 {
         let (slot, (_, group)) = groups.into_iter().next().unwrap_or_default();
@@ -210,7 +339,14 @@ async fn send_by_slot(shared: &Arc<Shared>, calls: Vec<Call>) -> Replies {
 
 /// One `EVALSHA` of the batch script for `calls` (all in `slot` on a cluster); one result per
 /// call. A lost script cache (NOSCRIPT: the script did not run) loads it and sends again.
-async fn send(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
+pub async fn send(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
+    shared.progress.sent();
+    let replies = send_tracked(shared, slot, calls).await;
+    shared.progress.answered();
+    replies
+}
+
+async fn send_tracked(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
     let mut reply = evalsha(shared, slot, calls).await;
     if matches!(&reply, Err(e) if is_noscript(e)) {
         match shared
@@ -251,7 +387,11 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
     if !client.is_connected() {
         return Err(Error::new(
             ErrorKind::IO,
-            format!("no connection to {} is up", shared.target),
+            format!(
+                "no connection to {} is up{}",
+                shared.target,
+                shared.last_error_note()
+            ),
         ));
     }
     // fred routes custom commands only by an explicit slot (it would hash the SHA).

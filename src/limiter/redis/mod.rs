@@ -23,7 +23,7 @@ use fred::types::config::TlsConnector;
 use tracing::{info, warn};
 
 use super::backend::Remote;
-mod batch;
+pub mod batch;
 mod quota;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
@@ -80,6 +80,10 @@ pub struct RedisStore {
     /// The SHA of the RLQS share script (see [`quota`]).
     quota_sha: String,
 }
+
+/// The counter the breaker's probe writes (`sluice:{probe}:<window>`): no matcher builds it,
+/// since every counter id of a limit starts with its domain and route.
+const PROBE_COUNTER: &str = "probe";
 
 /// Removes anything secret from a fred error before it reaches a log or a client.
 pub(crate) fn describe(err: &Error, password: Option<&str>) -> String {
@@ -303,7 +307,39 @@ impl RedisStore {
             script,
             clustered: config.server.is_clustered(),
             target,
+            progress: batch::Progress::default(),
+            last_error: std::sync::Mutex::new(None),
+            orphans: std::sync::OnceLock::new(),
         });
+        // What connections report, so a store that cannot connect says why (NOAUTH, ...).
+        for client in shared.pool.clients() {
+            let errors = Arc::downgrade(&shared);
+            let secret = password.clone();
+            client.on_error(move |(error, _)| {
+                let errors = errors.clone();
+                let text = describe(&error, secret.as_deref());
+                async move {
+                    if let Some(shared) = errors.upgrade()
+                        && let Ok(mut last) = shared.last_error.lock()
+                    {
+                        *last = Some(text);
+                    }
+                    Ok(())
+                }
+            });
+            let connected = Arc::downgrade(&shared);
+            client.on_reconnect(move |_| {
+                let connected = connected.clone();
+                async move {
+                    if let Some(shared) = connected.upgrade()
+                        && let Ok(mut last) = shared.last_error.lock()
+                    {
+                        *last = None;
+                    }
+                    Ok(())
+                }
+            });
+        }
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
@@ -365,16 +401,77 @@ pub(crate) fn is_noscript(e: &Error) -> bool {
 fn store_error(e: &Error) -> StoreError {
     let message = describe(e, None);
     if matches!(e.kind(), ErrorKind::Timeout) {
-        StoreError::Timeout
-    } else {
-        StoreError::Unavailable(message)
+        return StoreError::Timeout;
     }
+    match refusal(&message) {
+        Some((kind, advice)) => StoreError::Refused {
+            kind,
+            detail: format!("Redis refuses to count ({message}): {advice}"),
+        },
+        None => StoreError::Unavailable(message),
+    }
+}
+
+/// The errors of a Redis that is up and still cannot count, each with a fixed label and what
+/// the operator can do. Read from Redis's own error codes (the first word of its reply, which
+/// fred keeps in the message; inside a script's error too).
+fn refusal(message: &str) -> Option<(&'static str, &'static str)> {
+    const KNOWN: [(&str, &str, &str); 8] = [
+        (
+            "OOM",
+            "oom",
+            "Redis is at maxmemory and refuses writes; raise maxmemory or free memory (with maxmemory-policy noeviction, which keeps counters from being evicted)",
+        ),
+        (
+            "READONLY",
+            "readonly",
+            "the node sluice writes to is a replica (a failover demoted it, or redis.url names a replica); point redis.url at the master or at the sentinels",
+        ),
+        (
+            "NOAUTH",
+            "noauth",
+            "Redis requires a password sluice did not send; set redis.password (SLUICE_REDIS_PASSWORD or redis.password_file) and redis.username if ACLs are used",
+        ),
+        (
+            "WRONGPASS",
+            "noauth",
+            "Redis refused the credentials; check redis.username and redis.password",
+        ),
+        (
+            "NOPERM",
+            "noperm",
+            "the Redis user may not run the counting script; allow EVALSHA, SCRIPT and the keys sluice:* for it",
+        ),
+        (
+            "MISCONF",
+            "misconf",
+            "Redis refuses writes because it cannot save its snapshot (stop-writes-on-bgsave-error); fix its disk or persistence settings",
+        ),
+        (
+            "LOADING",
+            "loading",
+            "Redis is loading its dataset; it counts again once loaded",
+        ),
+        (
+            "CLUSTERDOWN",
+            "clusterdown",
+            "the Redis Cluster is down (slots without a master); it counts again once every slot is served",
+        ),
+    ];
+    KNOWN
+        .iter()
+        .find(|(code, _, _)| {
+            message.starts_with(code)
+                || message.contains(&format!(" {code} "))
+                || message.contains(&format!("-{code} "))
+        })
+        .map(|(_, kind, advice)| (*kind, *advice))
 }
 
 /// Reads a script's `{ over, remaining, reset_ms[, hits taken[, slots expired]] }` reply;
 /// anything else is a bad reply. Without the fourth value (sliding window), an admitted take
 /// took its hits.
-fn outcome(value: Value) -> Result<(Outcome, Option<u64>, u64), StoreError> {
+pub(crate) fn outcome(value: Value) -> Result<(Outcome, Option<u64>, u64), StoreError> {
     let bad = |what: &str| {
         StoreError::BadReply(format!("expected {{over, remaining, reset}}, got {what}"))
     };
@@ -410,7 +507,11 @@ impl RedisStore {
         if self.shared.pool.clients().iter().any(|c| c.is_connected()) {
             Ok(())
         } else {
-            Err(format!("not connected to {}", self.shared.target))
+            Err(format!(
+                "not connected to {}{}",
+                self.shared.target,
+                self.shared.last_error_note()
+            ))
         }
     }
 }
@@ -457,14 +558,40 @@ impl Remote for RedisStore {
 
     fn probe(&self) -> StoreFuture<'_> {
         Box::pin(async move {
-            self.shared
-                .pool
-                .next()
-                .ping::<Value>(None)
-                .await
-                .map(|_| ())
-                .map_err(|e| store_error(&e))
+            // The counting script itself, one hit on a key of its own that expires within
+            // seconds: only a node that takes this write can count.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let call = batch::Call::of(
+                &CounterOp::new(
+                    PROBE_COUNTER.into(),
+                    crate::limiter::Algorithm::FixedWindow,
+                    crate::limiter::Threshold::new(
+                        u64::from(u32::MAX),
+                        crate::limiter::Unit::Second,
+                    ),
+                    1,
+                    crate::limiter::HitMode::Take,
+                ),
+                now,
+            );
+            let slot = call.slot();
+            let mut replies = batch::send(&self.shared, slot, std::slice::from_ref(&call)).await;
+            match replies.pop() {
+                Some(reply) => outcome(reply.map_err(|e| store_error(&e))?).map(|_| ()),
+                None => Err(StoreError::BadReply("no reply to the probe".into())),
+            }
         })
+    }
+
+    fn answering(&self, within: std::time::Duration) -> bool {
+        self.shared.progress.answering(within)
+    }
+
+    fn on_orphans(&self, handler: batch::Orphans) {
+        let _ = self.shared.orphans.set(handler);
     }
 
     fn ready(&self) -> Result<(), String> {
