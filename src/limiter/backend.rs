@@ -27,6 +27,15 @@ pub trait Remote: Store {
 
     /// A cheap round trip (PING) that succeeds once the store answers again.
     fn probe(&self) -> StoreFuture<'_>;
+
+    /// What the operator should fix although the store is ready (for `/readyz`, one line
+    /// each), e.g. a Redis eviction policy that can reset counters.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Publishes the store's own gauges, just before a scrape.
+    fn report(&self, _metrics: &Metrics) {}
 }
 
 pub struct Backend {
@@ -107,6 +116,14 @@ impl Backend {
         }
     }
 
+    /// The remote store's warnings for `/readyz` (see [`Remote::warnings`]).
+    pub fn warnings(&self) -> Vec<String> {
+        self.remote
+            .as_ref()
+            .map(|p| p.remote.warnings())
+            .unwrap_or_default()
+    }
+
     /// Whether the fallback answers instead of the remote store right now.
     pub fn fallback_active(&self) -> bool {
         self.remote.as_ref().is_some_and(|p| p.fallback.is_open())
@@ -128,6 +145,7 @@ impl Backend {
         m.counter(metrics::MEMORY_REJECTED, &[])
             .absolute(self.memory.rejected_inserts());
         if let Some(parts) = &self.remote {
+            parts.remote.report(m);
             m.gauge(metrics::OVER_LIMIT_CACHE_ENTRIES, &[])
                 .set(parts.cache.len() as f64);
             m.counter(metrics::OVER_LIMIT_CACHE_HITS, &[])

@@ -151,7 +151,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     }
     let limits = s.limiter.limits();
     let store = &s.backend;
-    match store.ready() {
+    let (status, mut body) = match store.ready() {
         Ok(()) => (
             StatusCode::OK,
             format!(
@@ -178,7 +178,14 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
                 store.source()
             ),
         ),
+    };
+    // After the first line, which keeps its form: what to fix although the status stands
+    // (an eviction policy that can reset counters does not make the replica unready).
+    for warning in store.warnings() {
+        body.push_str(&warning);
+        body.push('\n');
     }
+    (status, body)
 }
 
 /// envoyproxy/ratelimit's health handler, as it answers: 200 `OK` when healthy, 500 with no
