@@ -8,6 +8,8 @@
 //! serving shows at the next check (the period is set short with
 //! `SLUICE_REDIS_EVICTION_CHECK_INTERVAL`, no test waits for the 60 s default).
 //!
+//! Also on a cluster (every master is read) and through Sentinel (the master is read).
+//!
 //! Each test starts its own `redis-server` (the kit's, so the Valkey run of scripts/test.sh
 //! checks Valkey too) and its own binary.
 
@@ -21,6 +23,7 @@ use common::metrics::{metric, scrape};
 use common::redis::RedisServer;
 use common::resp::Resp;
 use common::rls::{Code, desc, request};
+use common::sentinel::RedisSentinel;
 use common::sluice::SluiceProcess;
 
 const LIMITS: &str = r#"
@@ -293,5 +296,30 @@ async fn on_a_cluster_every_master_is_checked() {
     for node in &cluster.nodes[..2] {
         assert!(!warning.contains(&node.port.to_string()), "{warning}");
     }
+    answered(&sluice).await;
+}
+
+#[tokio::test]
+async fn through_sentinel_the_master_is_checked() {
+    let setup = RedisSentinel::start(1);
+    // The master can evict, the replica cannot: only the master's policy counts.
+    let reply = setup
+        .master
+        .cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-random"]);
+    assert_eq!(reply, Resp::Simple("OK".into()));
+    let dir = limits_dir();
+    let url = setup.url();
+    let sluice = SluiceProcess::spawn(
+        dir.path(),
+        &[
+            ("SLUICE_BACKEND", "redis"),
+            ("SLUICE_REDIS_URL", url.as_str()),
+        ],
+    );
+    let page = wait_for_policy(&sluice, "allkeys-random").await;
+    assert_eq!(metric(&page, UNSAFE), Some(1.0), "{page}");
+    assert_eq!(policy_gauge(&page, "noeviction"), Some(0.0), "{page}");
+    let ready = readyz(&sluice).await;
+    assert!(ready.body.contains("allkeys-random"), "{}", ready.body);
     answered(&sluice).await;
 }

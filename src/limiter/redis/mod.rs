@@ -71,7 +71,8 @@ pub enum RedisSetupError {
     TlsClientPair,
     #[error("Redis TLS set-up: {0}")]
     Tls(String),
-    /// `redis.require_noeviction` and a policy that may evict counters (see [`eviction`]).
+    /// `redis.require_noeviction` and a policy that may evict counters, or cannot be read
+    /// (see [`eviction`]).
     #[error("{0}")]
     EvictionPolicy(String),
 }
