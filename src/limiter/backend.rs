@@ -41,6 +41,15 @@ pub trait Remote: Store {
     fn on_orphans(&self, handler: super::redis::batch::Orphans) {
         let _ = handler;
     }
+
+    /// What the operator should fix although the store is ready (for `/readyz`, one line
+    /// each), e.g. a Redis eviction policy that can reset counters.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Publishes the store's own gauges, just before a scrape.
+    fn report(&self, _metrics: &Metrics) {}
 }
 
 pub struct Backend {
@@ -134,6 +143,14 @@ impl Backend {
         self.remote.as_ref().and_then(|p| p.fallback.reason())
     }
 
+    /// The remote store's warnings for `/readyz` (see [`Remote::warnings`]).
+    pub fn warnings(&self) -> Vec<String> {
+        self.remote
+            .as_ref()
+            .map(|p| p.remote.warnings())
+            .unwrap_or_default()
+    }
+
     /// Whether the fallback answers instead of the remote store right now.
     pub fn fallback_active(&self) -> bool {
         self.remote.as_ref().is_some_and(|p| p.fallback.is_open())
@@ -156,6 +173,7 @@ impl Backend {
         m.counter(metrics::MEMORY_REJECTED, &[])
             .absolute(self.memory.rejected_inserts());
         if let Some(parts) = &self.remote {
+            parts.remote.report(m);
             m.gauge(metrics::OVER_LIMIT_CACHE_ENTRIES, &[])
                 .set(parts.cache.len() as f64);
             m.counter(metrics::OVER_LIMIT_CACHE_HITS, &[])

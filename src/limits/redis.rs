@@ -33,6 +33,12 @@ pub struct RedisSettings {
     pub tls_client_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_client_cert_file`.
     pub tls_client_key_file: Option<PathBuf>,
+    /// Refuse to start when Redis's `maxmemory-policy` (read at connect) is not
+    /// `noeviction`, or cannot be read: any other policy may evict counters and reset limits.
+    pub require_noeviction: bool,
+    /// How often `maxmemory-policy` is read again (a changed policy shows within this).
+    #[serde(with = "humantime_serde")]
+    pub eviction_check_interval: Duration,
 }
 
 impl Default for RedisSettings {
@@ -49,6 +55,8 @@ impl Default for RedisSettings {
             tls_ca_file: None,
             tls_client_cert_file: None,
             tls_client_key_file: None,
+            require_noeviction: false,
+            eviction_check_interval: Duration::from_secs(60),
         }
     }
 }

@@ -154,17 +154,17 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     // The fallback answers every request fast, so the replica stays in rotation: taking
     // every replica out when the shared Redis fails would leave Envoy with no RLS at all.
     // The reason says what the store refuses and what to do.
-    if let Some(reason) = store.fallback_reason() {
-        return (
+    let fallback = store.fallback_reason();
+    let (status, mut body) = match store.ready() {
+        _ if fallback.is_some() => (
             StatusCode::OK,
             format!(
-                "ready: fallback active (store {}: {reason}); limits loaded ({} domains)\n",
+                "ready: fallback active (store {}: {}); limits loaded ({} domains)\n",
                 store.source(),
+                fallback.unwrap_or_default(),
                 limits.domains.len()
             ),
-        );
-    }
-    match store.ready() {
+        ),
         Ok(()) => (
             StatusCode::OK,
             format!(
@@ -191,7 +191,14 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
                 store.source()
             ),
         ),
+    };
+    // After the first line, which keeps its form: what to fix although the status stands
+    // (an eviction policy that can reset counters does not make the replica unready).
+    for warning in store.warnings() {
+        body.push_str(&warning);
+        body.push('\n');
     }
+    (status, body)
 }
 
 /// envoyproxy/ratelimit's health handler, as it answers: 200 `OK` when healthy, 500 with no

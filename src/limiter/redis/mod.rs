@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::backend::Remote;
 pub mod batch;
+pub mod eviction;
 mod quota;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
@@ -70,6 +71,10 @@ pub enum RedisSetupError {
     TlsClientPair,
     #[error("Redis TLS set-up: {0}")]
     Tls(String),
+    /// `redis.require_noeviction` and a policy that may evict counters, or cannot be read
+    /// (see [`eviction`]).
+    #[error("{0}")]
+    EvictionPolicy(String),
 }
 
 pub struct RedisStore {
@@ -79,6 +84,8 @@ pub struct RedisStore {
     jobs: tokio::sync::mpsc::UnboundedSender<batch::Job>,
     /// The SHA of the RLQS share script (see [`quota`]).
     quota_sha: String,
+    /// What the last `maxmemory-policy` check found (see [`eviction`]).
+    eviction: Arc<eviction::EvictionWatch>,
 }
 
 /// The counter the breaker's probe writes (`sluice:{probe}:<window>`): no matcher builds it,
@@ -340,10 +347,12 @@ impl RedisStore {
                 }
             });
         }
+        let eviction = eviction::start(&shared, reachable, settings).await?;
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
             quota_sha: quota::sha(),
+            eviction,
         };
         // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
         // there yet, the NOSCRIPT path loads them later.
@@ -596,6 +605,14 @@ impl Remote for RedisStore {
 
     fn ready(&self) -> Result<(), String> {
         RedisStore::ready(self)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.eviction.finding().warning().into_iter().collect()
+    }
+
+    fn report(&self, metrics: &crate::metrics::Metrics) {
+        self.eviction.report(metrics);
     }
 }
 
