@@ -28,7 +28,25 @@ pub trait Remote: Store {
     /// A real write (the counting script on a probe key) that succeeds once the store takes
     /// writes again. Not a PING: a Redis out of memory, read-only or refusing the credentials
     /// answers PING and still cannot count.
-    fn probe(&self) -> StoreFuture<'_>;
+    /// `shard` is the one to probe (see [`Remote::shard`]).
+    fn probe(&self, shard: usize) -> StoreFuture<'_>;
+
+    /// Which shard holds `counter`, below [`super::redis::MAX_SHARDS`]: each has a breaker of
+    /// its own. One store, one shard, unless it is a cluster.
+    fn shard(&self, counter: &str) -> usize {
+        let _ = counter;
+        0
+    }
+
+    /// Whether counters live on several shards.
+    fn sharded(&self) -> bool {
+        false
+    }
+
+    /// What to call a shard in the log and `/readyz`.
+    fn shard_name(&self, shard: usize) -> String {
+        format!("shard {shard}")
+    }
 
     /// Whether the store has answered within `within` (or has nothing outstanding): a call
     /// that timed out then waited behind sluice's own queue, which is load, not a failure.

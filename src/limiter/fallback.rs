@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use super::backend::Remote;
 use super::memory::MemoryStore;
 use super::reconcile::{Charge, Ledger};
+use super::redis::MAX_SHARDS;
 use super::{CounterOp, FallbackMode, HitMode, Outcome, Source, Store, StoreError, StoreFuture};
 use crate::clock::Clock;
 use crate::metrics::{self, Metrics};
@@ -58,7 +59,9 @@ pub struct Fallback {
     local: Arc<MemoryStore>,
     ledger: Arc<Ledger>,
     config: FallbackConfig,
-    breaker: Breaker,
+    /// One per shard of the store (one for a single node or Sentinel): a failing shard
+    /// sends only its own counters to the fallback.
+    breakers: Box<[Breaker]>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     /// Turns true at shutdown: a running probe ends instead of being dropped mid-call.
@@ -72,6 +75,12 @@ struct Breaker {
     failures: AtomicU32,
     /// Why it opened last, with what to do about it (for `/readyz` and the log).
     reason: Mutex<String>,
+}
+
+impl Breaker {
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
 }
 
 impl Fallback {
@@ -89,11 +98,13 @@ impl Fallback {
             ledger: Arc::new(Ledger::new(local.capacity())),
             local,
             config,
-            breaker: Breaker {
-                open: AtomicBool::new(false),
-                failures: AtomicU32::new(0),
-                reason: Mutex::new(String::new()),
-            },
+            breakers: (0..MAX_SHARDS)
+                .map(|_| Breaker {
+                    open: AtomicBool::new(false),
+                    failures: AtomicU32::new(0),
+                    reason: Mutex::new(String::new()),
+                })
+                .collect(),
             clock,
             metrics,
             stop,
@@ -105,29 +116,39 @@ impl Fallback {
                 ledger.forgive(counter, window, hits)
             }));
         if let Err(reason) = fallback.inner.ready() {
-            fallback.open(&reason);
+            fallback.open(0, &reason);
         }
         let flusher = Arc::clone(&fallback);
         tokio::spawn(async move { flusher.write_back_while_serving().await });
         fallback
     }
 
+    /// Whether any shard's breaker is open.
     pub fn is_open(&self) -> bool {
-        self.breaker.open.load(Ordering::Acquire)
+        self.breakers.iter().any(Breaker::is_open)
     }
 
-    /// Why the breaker is open, with what to do about it; `None` while it is closed.
+    fn breaker(&self, shard: usize) -> &Breaker {
+        &self.breakers[shard % self.breakers.len()]
+    }
+
+    /// Why breakers are open, with what to do about it; `None` while all are closed.
     pub fn reason(&self) -> Option<String> {
-        if !self.is_open() {
-            return None;
-        }
-        Some(
-            self.breaker
-                .reason
-                .lock()
-                .map(|r| r.clone())
-                .unwrap_or_default(),
-        )
+        let open: Vec<String> = self
+            .breakers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_open())
+            .map(|(shard, b)| {
+                let reason = b.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                if self.inner.sharded() {
+                    format!("{}: {reason}", self.inner.shard_name(shard))
+                } else {
+                    reason
+                }
+            })
+            .collect();
+        (!open.is_empty()).then(|| open.join("; "))
     }
 
     /// The ledger of what the fallback admitted (for metrics and `/readyz`).
@@ -135,19 +156,20 @@ impl Fallback {
         &self.ledger
     }
 
-    fn set_reason(&self, reason: &str) {
-        if let Ok(mut held) = self.breaker.reason.lock() {
+    fn set_reason(&self, shard: usize, reason: &str) {
+        if let Ok(mut held) = self.breaker(shard).reason.lock() {
             reason.clone_into(&mut held);
         }
     }
 
-    fn open(self: &Arc<Self>, reason: &str) {
-        self.set_reason(reason);
-        if self.breaker.open.swap(true, Ordering::AcqRel) {
+    fn open(self: &Arc<Self>, shard: usize, reason: &str) {
+        self.set_reason(shard, reason);
+        if self.breaker(shard).open.swap(true, Ordering::AcqRel) {
             return;
         }
         warn!(
             store = self.inner.source().as_str(),
+            shard = %self.inner.shard_name(shard),
             reason,
             "circuit breaker open: the fallback answers, and what it admits is written back when the store answers again"
         );
@@ -156,10 +178,10 @@ impl Fallback {
             .increment(1);
         self.metrics.gauge(metrics::FALLBACK_ACTIVE, &[]).set(1.0);
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.probe_until_closed().await });
+        tokio::spawn(async move { this.probe_until_closed(shard).await });
     }
 
-    async fn probe_until_closed(self: Arc<Self>) {
+    async fn probe_until_closed(self: Arc<Self>, shard: usize) {
         let every = self.config.probe_interval;
         let mut stop = self.stop.clone();
         let mut said = String::new();
@@ -168,47 +190,53 @@ impl Fallback {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
-            let error = match tokio::time::timeout(every, self.inner.probe()).await {
+            let error = match tokio::time::timeout(every, self.inner.probe(shard)).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some(StoreError::Timeout.to_string()),
             };
             let Some(error) = error else {
-                self.close();
+                self.close(shard);
                 return;
             };
             // A new kind of trouble is said once, not on every probe.
             if error != said {
                 warn!(
                     store = self.inner.source().as_str(),
+                    shard = %self.inner.shard_name(shard),
                     error = %error,
                     "the store still cannot take a write; the fallback keeps answering"
                 );
-                self.set_reason(&error);
+                self.set_reason(shard, &error);
                 said = error;
             }
         }
     }
 
-    fn close(&self) {
-        self.breaker.failures.store(0, Ordering::Release);
-        self.breaker.open.store(false, Ordering::Release);
+    fn close(&self, shard: usize) {
+        let breaker = self.breaker(shard);
+        breaker.failures.store(0, Ordering::Release);
+        breaker.open.store(false, Ordering::Release);
         info!(
             store = self.inner.source().as_str(),
+            shard = %self.inner.shard_name(shard),
             owed_hits = self.ledger.outstanding(),
             "circuit breaker closed: the store takes writes again; writing back what the fallback admitted"
         );
         self.metrics
             .counter(metrics::BREAKER_TRANSITIONS, &[("to", "closed")])
             .increment(1);
-        self.metrics.gauge(metrics::FALLBACK_ACTIVE, &[]).set(0.0);
+        if !self.is_open() {
+            self.metrics.gauge(metrics::FALLBACK_ACTIVE, &[]).set(0.0);
+        }
     }
 
-    fn failed(self: &Arc<Self>, error: &StoreError) {
+    /// Counts a failure of `shard`; at `failure_threshold` in a row its breaker opens.
+    fn failed(self: &Arc<Self>, shard: usize, error: &StoreError) {
         self.count_error(error.kind());
-        let failures = self.breaker.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let failures = self.breaker(shard).failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= self.config.failure_threshold.max(1) {
-            self.open(&error.to_string());
+            self.open(shard, &error.to_string());
         }
     }
 
@@ -221,19 +249,26 @@ impl Fallback {
             .increment(1);
     }
 
-    /// Answers every op by its route's fallback mode; `error` in any take fails the batch.
+    /// Answers every op (with `pending_only`, every op no store answered) by its route's
+    /// fallback mode; `error` in any take fails the batch.
     ///
     /// A give-back (`is_negative_hits`, sent by Envoy at stream end) is never failed: nothing
     /// waits on its answer, so under `error` it is answered OK, as `allow` would.
-    fn answer(&self, ops: &mut [CounterOp], now: u64, error: StoreError) -> Result<(), StoreError> {
-        if ops
-            .iter()
-            .any(|op| op.policy.fallback == FallbackMode::Error && op.mode == HitMode::Take)
-        {
+    fn answer(
+        &self,
+        ops: &mut [CounterOp],
+        now: u64,
+        error: StoreError,
+        pending_only: bool,
+    ) -> Result<(), StoreError> {
+        let answers = |op: &CounterOp| !pending_only || op.source == Source::Pending;
+        if ops.iter().any(|op| {
+            answers(op) && op.policy.fallback == FallbackMode::Error && op.mode == HitMode::Take
+        }) {
             return Err(StoreError::Declined(Box::new(error)));
         }
         let replicas = u64::from(self.config.replicas.max(1));
-        for op in ops.iter_mut() {
+        for op in ops.iter_mut().filter(|op| answers(op)) {
             // A lease asked of the store (and not answered) is a plain hit here.
             op.block = 0;
             let period = op.threshold.period_ms();
@@ -281,7 +316,7 @@ impl Fallback {
                 _ = tokio::time::sleep(FLUSH_EVERY) => false,
                 _ = stop.wait_for(|stop| *stop) => true,
             };
-            if !self.is_open() && self.ledger.owes() {
+            if self.ledger.owes() {
                 self.write_back().await;
             }
             if stopping {
@@ -295,6 +330,14 @@ impl Fallback {
     async fn write_back(self: &Arc<Self>) {
         let now = self.clock.now_ms();
         let mut charges = self.ledger.drain(now, usize::MAX);
+        // A shard whose breaker is open keeps its charges for later.
+        charges.retain(|c| {
+            let open = self.breaker(self.inner.shard(&c.op.counter)).is_open();
+            if open {
+                self.ledger.unsent(c);
+            }
+            !open
+        });
         charges.sort_by_key(|c| c.at);
         let mut rest = charges.as_slice();
         while !rest.is_empty() {
@@ -306,7 +349,7 @@ impl Fallback {
                 .count();
             let (group, tail) = rest.split_at(same);
             rest = tail;
-            if self.is_open() || !self.send_charges(group, at).await {
+            if !self.send_charges(group, at).await {
                 // The store failed again: everything not yet sent stays owed.
                 rest.iter().for_each(|c| self.ledger.unsent(c));
                 return;
@@ -337,7 +380,8 @@ impl Fallback {
             charges = group.len(),
             "writing back the fallback's admissions failed; retrying"
         );
-        self.failed(&error);
+        let shard = group.first().map_or(0, |c| self.inner.shard(&c.op.counter));
+        self.failed(shard, &error);
         false
     }
 }
@@ -345,41 +389,87 @@ impl Fallback {
 /// `Store` for the `Arc`, because opening the breaker spawns a probe that owns it.
 pub struct FallbackStore(pub Arc<Fallback>);
 
+impl Fallback {
+    /// The shards the ops live on, each once (one store, one shard: no allocation).
+    fn shards_of(&self, ops: &[CounterOp]) -> Vec<usize> {
+        if !self.inner.sharded() {
+            return vec![0];
+        }
+        let mut shards: Vec<usize> = ops.iter().map(|op| self.inner.shard(&op.counter)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// Calls the store for `ops` within their budget; what it cannot answer, the fallback does.
+    async fn call(self: &Arc<Self>, ops: &mut [CounterOp], now: u64) -> Result<(), StoreError> {
+        let budget = ops
+            .iter()
+            .map(|op| op.policy.timeout)
+            .min()
+            .unwrap_or(super::DEFAULT_STORE_TIMEOUT);
+        let error = match tokio::time::timeout(budget, self.inner.apply(ops, now)).await {
+            Ok(Ok(())) => {
+                if self.inner.sharded() {
+                    for shard in self.shards_of(ops) {
+                        self.breaker(shard).failures.store(0, Ordering::Release);
+                    }
+                } else {
+                    self.breaker(0).failures.store(0, Ordering::Release);
+                }
+                self.ledger.observe(ops, now);
+                return Ok(());
+            }
+            // Part of the batch answered (a cluster with one shard failing): only the failed
+            // ops' shards count a failure, and only those ops go to the fallback.
+            Ok(Err(StoreError::Partial(error))) => {
+                self.ledger.observe(ops, now);
+                let failed: Vec<CounterOp> = ops
+                    .iter()
+                    .filter(|op| op.source == Source::Pending)
+                    .cloned()
+                    .collect();
+                for shard in self.shards_of(&failed) {
+                    self.failed(shard, &error);
+                }
+                return self.answer(ops, now, *error, true);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => StoreError::Timeout,
+        };
+        if matches!(error, StoreError::Timeout) && self.inner.answering(budget.max(STALLED_AFTER)) {
+            // The store keeps answering; this request waited behind others. Answered
+            // here and written back, but no failure of the store.
+            self.count_error("queued");
+        } else {
+            for shard in self.shards_of(ops) {
+                self.failed(shard, &error);
+            }
+        }
+        self.answer(ops, now, error, false)
+    }
+}
+
 impl Store for FallbackStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         Box::pin(async move {
             let fallback = &self.0;
-            if fallback.is_open() {
-                return fallback.answer(
-                    ops,
-                    now,
-                    StoreError::Unavailable("circuit breaker open".into()),
-                );
+            let closed = |op: &CounterOp| !fallback.breaker(fallback.inner.shard(&op.counter)).is_open();
+            if ops.iter().all(closed) {
+                return fallback.call(ops, now).await;
             }
-            let budget = ops
-                .iter()
-                .map(|op| op.policy.timeout)
-                .min()
-                .unwrap_or(super::DEFAULT_STORE_TIMEOUT);
-            let error = match tokio::time::timeout(budget, fallback.inner.apply(ops, now)).await {
-                Ok(Ok(())) => {
-                    fallback.breaker.failures.store(0, Ordering::Release);
-                    fallback.ledger.observe(ops, now);
-                    return Ok(());
-                }
-                Ok(Err(e)) => e,
-                Err(_) => StoreError::Timeout,
-            };
-            if matches!(error, StoreError::Timeout)
-                && fallback.inner.answering(budget.max(STALLED_AFTER))
-            {
-                // The store keeps answering; this request waited behind others. Answered
-                // here and written back, but no failure of the store.
-                fallback.count_error("queued");
-            } else {
-                fallback.failed(&error);
+            let open = || StoreError::Unavailable("circuit breaker open".into());
+            if !ops.iter().any(closed) {
+                return fallback.answer(ops, now, open(), false);
             }
-            fallback.answer(ops, now, error)
+            // Some shards answer, some do not: the store gets only the former's ops.
+            let mut rest: Vec<CounterOp> = ops.iter().filter(|op| closed(op)).cloned().collect();
+            let sent: Vec<usize> = (0..ops.len()).filter(|&i| closed(&ops[i])).collect();
+            fallback.call(&mut rest, now).await?;
+            for (i, done) in sent.into_iter().zip(rest) {
+                ops[i] = done;
+            }
+            fallback.answer(ops, now, open(), true)
         })
     }
 }

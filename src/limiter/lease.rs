@@ -359,8 +359,20 @@ impl Remote for Leasing {
         self.inner.ready()
     }
 
-    fn probe(&self) -> StoreFuture<'_> {
-        self.inner.probe()
+    fn probe(&self, shard: usize) -> StoreFuture<'_> {
+        self.inner.probe(shard)
+    }
+
+    fn shard(&self, counter: &str) -> usize {
+        self.inner.shard(counter)
+    }
+
+    fn sharded(&self) -> bool {
+        self.inner.sharded()
+    }
+
+    fn shard_name(&self, shard: usize) -> String {
+        self.inner.shard_name(shard)
     }
 
     fn answering(&self, within: std::time::Duration) -> bool {

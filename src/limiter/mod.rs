@@ -173,6 +173,11 @@ pub enum StoreError {
     /// `kind` is a fixed label, `detail` what it said and what to do about it.
     #[error("{detail}")]
     Refused { kind: &'static str, detail: String },
+    /// Some calls of the batch were answered and the others failed with this (on a cluster,
+    /// one shard failing): the answered ops have their source set, the failed ones are left
+    /// `Pending` for the fallback.
+    #[error("{0} (for part of the batch)")]
+    Partial(Box<StoreError>),
     /// The store failed and a route's `fallback: error` declines to answer in its place.
     /// The failure was counted where it happened (in the fallback), so whoever receives this
     /// must not count it again.
@@ -188,7 +193,7 @@ impl StoreError {
             StoreError::Unavailable(_) => "unavailable",
             StoreError::BadReply(_) => "bad_reply",
             StoreError::Refused { kind, .. } => kind,
-            StoreError::Declined(inner) => inner.kind(),
+            StoreError::Declined(inner) | StoreError::Partial(inner) => inner.kind(),
         }
     }
 

@@ -25,6 +25,8 @@ use tracing::{info, warn};
 use super::backend::Remote;
 pub mod batch;
 pub mod eviction;
+mod shards;
+pub use shards::MAX_SHARDS;
 mod quota;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
@@ -86,11 +88,21 @@ pub struct RedisStore {
     quota_sha: String,
     /// What the last `maxmemory-policy` check found (see [`eviction`]).
     eviction: Arc<eviction::EvictionWatch>,
+    /// On a cluster, which master holds which counter (see [`shards`]).
+    shards: Option<Arc<shards::Shards>>,
 }
 
 /// The counter the breaker's probe writes (`sluice:{probe}:<window>`): no matcher builds it,
 /// since every counter id of a limit starts with its domain and route.
 const PROBE_COUNTER: &str = "probe";
+
+/// A probe counter whose slot the shard owns (`probe`, `probe-1`, ... until one lands there).
+fn probe_counter(shards: &shards::Shards, shard: usize) -> String {
+    (0..100_000u32)
+        .map(|n| format!("{PROBE_COUNTER}-{n}"))
+        .find(|c| shards.of(c) == shard)
+        .unwrap_or_else(|| PROBE_COUNTER.to_string())
+}
 
 /// Removes anything secret from a fred error before it reaches a log or a client.
 pub(crate) fn describe(err: &Error, password: Option<&str>) -> String {
@@ -348,11 +360,17 @@ impl RedisStore {
             });
         }
         let eviction = eviction::start(&shared, reachable, settings).await?;
+        let shards = shared.clustered.then(|| {
+            let shards = Arc::new(shards::Shards::default());
+            shards::Shards::follow(shards.clone(), shared.pool.clone());
+            shards
+        });
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
             quota_sha: quota::sha(),
             eviction,
+            shards,
         };
         // Loaded now so the first requests do not pay for a NOSCRIPT round; if Redis is not
         // there yet, the NOSCRIPT path loads them later.
@@ -544,8 +562,19 @@ impl Store for RedisStore {
                     "reply count does not match the batch".into(),
                 ));
             }
+            // Calls that failed (on a cluster: their shard's) stay unanswered; the others are
+            // counted and answered, so only the failing shard's counters go to the fallback.
+            let mut failed = None;
             for (op, reply) in ops.iter_mut().zip(replies) {
-                let (answer, taken, expired) = outcome(reply.map_err(|e| store_error(&e))?)?;
+                let answered = reply.map_err(|e| store_error(&e)).and_then(outcome);
+                let (answer, taken, expired) = match answered {
+                    Ok(answered) => answered,
+                    Err(e) => {
+                        op.source = Source::Pending;
+                        failed.get_or_insert(e);
+                        continue;
+                    }
+                };
                 op.outcome = answer;
                 op.expired = expired;
                 op.granted = taken.unwrap_or(if op.mode == super::HitMode::Take && !answer.over {
@@ -555,7 +584,11 @@ impl Store for RedisStore {
                 });
                 op.source = Source::Redis;
             }
-            Ok(())
+            match failed {
+                None => Ok(()),
+                Some(e) if ops.iter().all(|op| op.source == Source::Pending) => Err(e),
+                Some(e) => Err(StoreError::Partial(Box::new(e))),
+            }
         })
     }
 }
@@ -565,7 +598,7 @@ impl Remote for RedisStore {
         Source::Redis
     }
 
-    fn probe(&self) -> StoreFuture<'_> {
+    fn probe(&self, shard: usize) -> StoreFuture<'_> {
         Box::pin(async move {
             // The counting script itself, one hit on a key of its own that expires within
             // seconds: only a node that takes this write can count.
@@ -573,9 +606,14 @@ impl Remote for RedisStore {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
+            // On a cluster, a key of the probed shard's own.
+            let counter = match &self.shards {
+                Some(shards) => probe_counter(shards, shard),
+                None => PROBE_COUNTER.to_string(),
+            };
             let call = batch::Call::of(
                 &CounterOp::new(
-                    PROBE_COUNTER.into(),
+                    counter,
                     crate::limiter::Algorithm::FixedWindow,
                     crate::limiter::Threshold::new(
                         u64::from(u32::MAX),
@@ -597,6 +635,21 @@ impl Remote for RedisStore {
 
     fn answering(&self, within: std::time::Duration) -> bool {
         self.shared.progress.answering(within)
+    }
+
+    fn shard(&self, counter: &str) -> usize {
+        self.shards.as_ref().map_or(0, |s| s.of(counter))
+    }
+
+    fn sharded(&self) -> bool {
+        self.shards.is_some()
+    }
+
+    fn shard_name(&self, shard: usize) -> String {
+        match &self.shards {
+            Some(shards) => shards.name(shard),
+            None => self.shared.target.clone(),
+        }
     }
 
     fn on_orphans(&self, handler: batch::Orphans) {
