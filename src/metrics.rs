@@ -35,6 +35,9 @@ pub const XDS_RESPONSES: &str = "sluice_xds_responses_total";
 pub const XDS_RECONNECTS: &str = "sluice_xds_reconnects_total";
 /// 1 while a stream to the management server is open.
 pub const XDS_CONNECTED: &str = "sluice_xds_connected";
+/// Moves of the Redis pool to a new master (a Sentinel `+switch-master`, or a node that
+/// answered as a replica).
+pub const REDIS_FAILOVERS: &str = "sluice_redis_failovers_total";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
 /// Slots of `concurrent` limits in use, by domain and route; each replica moves it by what
@@ -240,6 +243,10 @@ impl Metrics {
             (
                 LEASE_ADMITTED,
                 "Hits admitted from a leased block without a store call",
+            ),
+            (
+                REDIS_FAILOVERS,
+                "Moves of the Redis connections to a new master (Sentinel +switch-master, or a node that answered as a replica)",
             ),
         ];
         for (name, help) in counters {

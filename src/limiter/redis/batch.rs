@@ -23,7 +23,7 @@ use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
-use super::{describe, is_noscript};
+use super::{describe, is_noscript, is_readonly};
 use crate::limiter::{Algorithm, CounterOp, HitMode, keys};
 
 /// The most calls one `EVALSHA` carries: a batch runs inside Redis without interruption,
@@ -115,6 +115,8 @@ pub struct Shared {
     /// A cluster takes one batch per slot; a single node or Sentinel master takes any keys.
     pub clustered: bool,
     pub target: String,
+    /// The gate of every write: closed while the pool moves to a new master (see [`super::sentinel`]).
+    pub follower: super::sentinel::Follower,
 }
 
 /// Starts the dispatcher; it ends when every sender is dropped (the store is gone).
@@ -225,6 +227,9 @@ async fn send(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
             }
         }
     }
+    if matches!(&reply, Err(e) if is_readonly(e)) {
+        shared.follower.refused_readonly(&shared.target);
+    }
     match reply {
         Ok(Value::Array(items)) if items.len() == calls.len() => {
             items.into_iter().map(Ok).collect()
@@ -254,6 +259,8 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
             format!("no connection to {} is up", shared.target),
         ));
     }
+    // Not to a node the sentinels no longer name, nor while the pool moves to the new one.
+    shared.follower.check(client)?;
     // fred routes custom commands only by an explicit slot (it would hash the SHA).
     let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
     let keys: usize = calls

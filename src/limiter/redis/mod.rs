@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use super::backend::Remote;
 mod batch;
 mod quota;
+mod sentinel;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
 use crate::limits::{REDACTED, RedisSettings, redact_url};
@@ -303,7 +304,9 @@ impl RedisStore {
             script,
             clustered: config.server.is_clustered(),
             target,
+            follower: sentinel::Follower::new(&config),
         });
+        sentinel::start(&shared, &config);
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
@@ -360,6 +363,11 @@ fn refused_credentials(e: &Error) -> bool {
 
 pub(crate) fn is_noscript(e: &Error) -> bool {
     e.details().starts_with("NOSCRIPT") || e.to_string().contains("NOSCRIPT")
+}
+
+/// A write refused by a replica (directly, or from inside the script).
+pub(crate) fn is_readonly(e: &Error) -> bool {
+    e.details().starts_with("READONLY") || e.to_string().contains("READONLY You can't write")
 }
 
 fn store_error(e: &Error) -> StoreError {
@@ -457,6 +465,11 @@ impl Remote for RedisStore {
 
     fn probe(&self) -> StoreFuture<'_> {
         Box::pin(async move {
+            // Not answered while the pool moves to a new master: the breaker stays open.
+            self.shared
+                .follower
+                .writable()
+                .map_err(StoreError::Unavailable)?;
             self.shared
                 .pool
                 .next()
