@@ -24,9 +24,9 @@ use common::sentinel::{RedisSentinel, SENTINEL_SERVICE};
 use common::sluice::SluiceProcess;
 use common::{HOUR, now_ms, wait_until};
 
-/// Reached during the run (about 1,500 requests a second for 12 s, failover at 4 s), so the
-/// admitted total says whether counts were lost in the failover.
-const LIMIT: u64 = 12_000;
+/// Reached during the run (at most 1,500 requests a second for 12 s; a debug build on two
+/// cores manages about 1,000), so the admitted total says whether counts were lost.
+const LIMIT: u64 = 9_000;
 
 fn limits() -> String {
     format!(
@@ -282,7 +282,10 @@ async fn run_failover(sentinels: usize) {
     };
 
     // The sentinel's side of the failover, relative to the switch.
-    println!("--- {sentinels} sentinel(s): failover asked {:?} before +switch-master", switched - asked);
+    println!(
+        "--- {sentinels} sentinel(s): failover asked {:?} before +switch-master",
+        switched - asked
+    );
     for (at, channel, data) in &events {
         let rel = at.duration_since(asked).as_secs_f64() * 1000.0;
         println!("  +{rel:7.1} ms after FAILOVER  {channel} {data}");
@@ -298,23 +301,47 @@ async fn run_failover(sentinels: usize) {
         .iter()
         .find(|(at, _, n)| *at > switched && *n > before)
         .map(|(at, _, _)| at.duration_since(switched));
-    // (b) Writes on the old master after the switch and the grace: sums of increases (a drop
-    // would be a stats reset, counted from zero).
-    let mut on_old_after = 0u64;
-    let mut last_old_write = None;
-    let mut previous: Option<u64> = None;
-    for (at, o, _) in samples.iter().filter(|(at, _, _)| *at >= switched) {
-        if let Some(p) = previous {
-            let grew = if *o >= p { o - p } else { *o };
-            if grew > 0 {
-                last_old_write = Some(at.duration_since(switched));
-                if *at >= switched + IN_FLIGHT_GRACE {
-                    on_old_after += grew;
+    // From the moment the sentinel is about to promote the replica (plus the grace), the old
+    // master takes no write: sluice stops writing there then, not at the switch.
+    let promotion_began = events
+        .iter()
+        .find(|(_, channel, _)| channel == "+failover-state-send-slaveof-noone")
+        .map(|(at, _, _)| *at);
+    // (b) Writes on the old master after `since` and the grace: sums of increases (a drop
+    // would be a stats reset, counted from zero); and when the last one was seen.
+    let old_writes_after = |since: Instant| {
+        let mut after = 0u64;
+        let mut last = None;
+        let mut previous: Option<u64> = None;
+        for (at, o, _) in samples.iter().filter(|(at, _, _)| *at >= since) {
+            if let Some(p) = previous {
+                let grew = if *o >= p { o - p } else { *o };
+                if grew > 0 {
+                    last = Some(at.duration_since(since));
+                    if *at >= since + IN_FLIGHT_GRACE {
+                        after += grew;
+                    }
                 }
             }
+            previous = Some(*o);
         }
-        previous = Some(*o);
-    }
+        (after, last)
+    };
+    let (on_old_after, last_old_write) = old_writes_after(switched);
+    let Some(promotion_began) = promotion_began else {
+        panic!("no +failover-state-send-slaveof-noone before the switch: {events:?}");
+    };
+    let (on_old_after_promotion, last_old_write_since_promotion) =
+        old_writes_after(promotion_began);
+    // Writes the old master took after the sentinel told the replica to become master: the
+    // counts the old master drops when it is demoted (before the switch, so not sluice's to
+    // avoid; printed for the record).
+    let promoting = events
+        .iter()
+        .find(|(_, channel, _)| channel == "+failover-state-wait-promotion")
+        .map(|(at, _, _)| *at);
+    let old_at = |when: Instant| samples.iter().find(|(at, _, _)| *at >= when).map(|s| s.1);
+    let lost_window = promoting.and_then(|p| Some(old_at(switched)?.saturating_sub(old_at(p)?)));
     let old_stats_at_grace = samples
         .iter()
         .find(|(at, _, _)| *at >= switched + IN_FLIGHT_GRACE)
@@ -342,7 +369,12 @@ async fn run_failover(sentinels: usize) {
         .iter()
         .map(|key| {
             let key = String::from_utf8_lossy(key).into_owned();
-            setup.replica.cmd(&["GET", &key]).text().parse::<u64>().unwrap_or(0)
+            setup
+                .replica
+                .cmd(&["GET", &key])
+                .text()
+                .parse::<u64>()
+                .unwrap_or(0)
         })
         .sum();
     let mut failovers = Vec::new();
@@ -355,7 +387,7 @@ async fn run_failover(sentinels: usize) {
         .flat_map(|r| {
             r.output()
                 .lines()
-                .filter(|l| l.contains("writing to the new Redis master"))
+                .filter(|l| l.contains("Redis master") || l.contains("promoting"))
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         })
@@ -377,6 +409,15 @@ async fn run_failover(sentinels: usize) {
          EVALSHA calls there after switch + {IN_FLIGHT_GRACE:?}: {on_old_after} \
          (calls at that moment {old_stats_at_grace:?}, at the end {:?})",
         samples.last().map(|s| s.1)
+    );
+    println!(
+        "  EVALSHA calls on the old master from +failover-state-wait-promotion to \
+         +switch-master (counts it will drop): {lost_window:?}"
+    );
+    println!(
+        "  last write seen on the old master after +failover-state-send-slaveof-noone: \
+         {last_old_write_since_promotion:?}; EVALSHA calls there after it + {IN_FLIGHT_GRACE:?}: \
+         {on_old_after_promotion}"
     );
     println!("  sluice_redis_failovers_total per replica: {failovers:?}");
     for line in &moves {
@@ -404,6 +445,13 @@ async fn run_failover(sentinels: usize) {
         0,
         "writes landed on the old master after +switch-master + {IN_FLIGHT_GRACE:?} \
          (the last {last_old_write:?} after it)\n{}",
+        replicas[0].output()
+    );
+    assert_eq!(
+        on_old_after_promotion,
+        0,
+        "writes landed on the old master after the promotion began + {IN_FLIGHT_GRACE:?} \
+         (the last {last_old_write_since_promotion:?} after it)\n{}",
         replicas[0].output()
     );
     for (replica, count) in replicas.iter().zip(&failovers) {

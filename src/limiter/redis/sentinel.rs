@@ -11,10 +11,15 @@
 //! given, so every count written there in the meantime is lost and a fleet admits more than
 //! the limit. So:
 //!
-//! - a `+switch-master` for our service (from any sentinel of the URL; one subscription per
-//!   sentinel, each reconnecting on its own) names the new master at once: from then on a
-//!   connection to any other node is not written (the batch fails fast and the fallback
-//!   answers), and every pooled connection is made to reconnect through the sentinels;
+//! - one subscription per sentinel of the URL, each reconnecting on its own, hears the
+//!   failover as it goes;
+//! - when the sentinel leading it is about to promote a replica (`+failover-state-send-
+//!   slaveof-noone`), nothing is written any more (the batch fails fast and the fallback
+//!   answers): the old master would drop it. If no switch follows, the old master is written
+//!   again once `ROLE` says it still is one;
+//! - a `+switch-master` for our service names the new master: from then on a connection to
+//!   any other node is not written, and every pooled connection is made to reconnect through
+//!   the sentinels;
 //! - the gate opens again only when every connection that is up is on the new master and
 //!   `ROLE` there says `master`;
 //! - after any (re)connect `ROLE` is asked again, and a `READONLY` reply to a batch closes the
@@ -39,6 +44,17 @@ use crate::metrics::{self, Metrics};
 
 /// The channel sentinels announce a new master on: `<name> <old ip> <old port> <new ip> <new port>`.
 const SWITCH_MASTER: &str = "+switch-master";
+/// What the sentinel leading a failover publishes just before it tells the chosen replica to
+/// become master (`slave <name> <ip> <port> @ <master name> <ip> <port>`): what the old master
+/// takes from then on is lost when it is demoted, so nothing is written until the switch.
+const PROMOTING: &str = "+failover-state-send-slaveof-noone";
+/// A failover given up after the replica was told to become master (`master <name> <ip>
+/// <port>`): writing resumes on the master, once checked.
+const ABORTED: &str = "-failover-abort-slave-timeout";
+/// The most writes wait for a `+switch-master` after [`PROMOTING`] (a replica is usually
+/// promoted within the sentinel's one-second INFO period); then, if `ROLE` still says master,
+/// the old master is written again.
+const PROMOTION_WAIT: Duration = Duration::from_secs(5);
 
 /// How long one forced reconnection may take before the move checks again (the client keeps
 /// reconnecting in the background).
@@ -73,6 +89,10 @@ impl std::fmt::Display for Addr {
 /// What wakes the mover.
 #[derive(Debug)]
 enum Event {
+    /// A sentinel is promoting a replica of our master.
+    Promoting,
+    /// The failover was given up.
+    Aborted,
     /// A sentinel announced a new master for our service.
     Switch { from: Addr },
     /// A batch was refused `READONLY`, or a connection is not on the announced master.
@@ -274,7 +294,7 @@ async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, servi
         tokio::select! {
             up = connected.recv() => match up {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    match client.subscribe(SWITCH_MASTER).await {
+                    match client.subscribe(vec![SWITCH_MASTER, PROMOTING, ABORTED]).await {
                         Ok(()) => debug!(%sentinel, "watching the sentinel for failovers"),
                         Err(e) => warn!(%sentinel, error = %describe(&e, None), "cannot subscribe to the sentinel's +switch-master"),
                     }
@@ -284,8 +304,13 @@ async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, servi
             message = messages.recv() => match message {
                 Ok(message) => {
                     let Some(shared) = store.upgrade() else { break };
-                    if let Some((from, to)) = switch_of(&message, &service) {
-                        switched(&shared, &sentinel, from, to);
+                    match news_of(&message, &service) {
+                        Some(News::Switch(from, to)) => switched(&shared, &sentinel, from, to),
+                        Some(News::Promoting) => promoting(&shared, &sentinel),
+                        Some(News::Aborted) => {
+                            let _ = shared.follower.events.send(Event::Aborted);
+                        }
+                        None => {}
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -297,12 +322,34 @@ async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, servi
     let _ = client.quit().await;
 }
 
-/// The old and new master of a `+switch-master` message for `service`.
-fn switch_of(message: &Message, service: &str) -> Option<(Addr, Addr)> {
-    if message.channel != SWITCH_MASTER {
-        return None;
+/// What a sentinel's message says about `service`'s master.
+#[derive(Debug, PartialEq)]
+enum News {
+    /// From the old master to the new one.
+    Switch(Addr, Addr),
+    Promoting,
+    Aborted,
+}
+
+fn news_of(message: &Message, service: &str) -> Option<News> {
+    parse_news(&message.channel, &message.value.as_string()?, service)
+}
+
+fn parse_news(channel: &str, text: &str, service: &str) -> Option<News> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match channel {
+        SWITCH_MASTER => parse_switch(text, service).map(|(from, to)| News::Switch(from, to)),
+        // `slave <name> <ip> <port> @ <master name> <ip> <port>`
+        PROMOTING => {
+            let at = words.iter().position(|w| *w == "@")?;
+            (words.first() == Some(&"slave") && words.get(at + 1) == Some(&service))
+                .then_some(News::Promoting)
+        }
+        // `master <name> <ip> <port>`
+        ABORTED => (words.first() == Some(&"master") && words.get(1) == Some(&service))
+            .then_some(News::Aborted),
+        _ => None,
     }
-    parse_switch(&message.value.as_string()?, service)
 }
 
 fn parse_switch(text: &str, service: &str) -> Option<(Addr, Addr)> {
@@ -346,6 +393,38 @@ fn switched(shared: &Shared, sentinel: &Addr, from: Addr, to: Addr) {
     let _ = follower.events.send(Event::Switch { from });
 }
 
+/// The leader sentinel is about to promote a replica: from now on the old master's writes would
+/// be lost, so none is made until the switch (the fallback answers meanwhile).
+fn promoting(shared: &Shared, sentinel: &Addr) {
+    info!(%sentinel, "the sentinels are promoting a replica: not writing to Redis until the new master is announced");
+    shared.follower.writable.store(false, Ordering::Release);
+    let _ = shared.follower.events.send(Event::Promoting);
+}
+
+/// How waiting for the switch after [`PROMOTING`] ended.
+enum Promotion {
+    Switched(Addr),
+    GaveUp(&'static str),
+    /// The store is gone.
+    Closed,
+}
+
+async fn await_switch(inbox: &mut mpsc::UnboundedReceiver<Event>) -> Promotion {
+    let deadline = tokio::time::sleep(PROMOTION_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Promotion::GaveUp("no +switch-master came after the promotion began"),
+            event = inbox.recv() => match event {
+                None => return Promotion::Closed,
+                Some(Event::Switch { from }) => return Promotion::Switched(from),
+                Some(Event::Aborted) => return Promotion::GaveUp("the sentinels gave the failover up"),
+                Some(_) => {}
+            },
+        }
+    }
+}
+
 /// Moves the pool whenever an event says so, and checks it after every (re)connect.
 async fn mover(store: Weak<Shared>, mut inbox: mpsc::UnboundedReceiver<Event>) {
     while let Some(event) = inbox.recv().await {
@@ -353,7 +432,21 @@ async fn mover(store: Weak<Shared>, mut inbox: mpsc::UnboundedReceiver<Event>) {
             return;
         };
         let follower = &shared.follower;
+        let paused = Instant::now();
         let (why, from) = match event {
+            Event::Promoting => match await_switch(&mut inbox).await {
+                Promotion::Closed => return,
+                Promotion::Switched(from) => ("+switch-master", Some(from)),
+                Promotion::GaveUp(why) => {
+                    if verify(&shared).await.is_ok() {
+                        follower.writable.store(true, Ordering::Release);
+                        warn!(redis = %shared.target, reason = why, paused_ms = paused.elapsed().as_secs_f64() * 1000.0, "writing to the same Redis master again");
+                        continue;
+                    }
+                    (why, None)
+                }
+            },
+            Event::Aborted => continue,
             Event::Switch { from, .. } => {
                 // Every connection already on the new master (it reconnected by itself).
                 if follower.writable.load(Ordering::Acquire) && verify(&shared).await.is_ok() {
@@ -362,7 +455,7 @@ async fn mover(store: Weak<Shared>, mut inbox: mpsc::UnboundedReceiver<Event>) {
                 ("+switch-master", Some(from))
             }
             Event::Stray(why) => {
-                debug!(redis = %shared.target, reason = %why, "checking the Redis connections");
+                warn!(redis = %shared.target, reason = %why, "not writing to Redis until the connections are checked");
                 ("a node that is not the master", None)
             }
             Event::Connected => {
@@ -380,7 +473,7 @@ async fn mover(store: Weak<Shared>, mut inbox: mpsc::UnboundedReceiver<Event>) {
                 ("a node that is not the master", None)
             }
         };
-        move_pool(&shared, &mut inbox, why, from).await;
+        move_pool(&shared, &mut inbox, why, from, paused).await;
     }
 }
 
@@ -464,6 +557,7 @@ async fn move_pool(
     inbox: &mut mpsc::UnboundedReceiver<Event>,
     why: &'static str,
     mut from: Option<Addr>,
+    paused: Instant,
 ) {
     let follower = &shared.follower;
     follower.writable.store(false, Ordering::Release);
@@ -505,6 +599,7 @@ async fn move_pool(
                     from = %from,
                     to = %to,
                     took_ms = took.as_secs_f64() * 1000.0,
+                    paused_ms = paused.elapsed().as_secs_f64() * 1000.0,
                     reason = why,
                     "writing to the new Redis master"
                 );
@@ -531,6 +626,23 @@ async fn move_pool(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promotion_and_abort_are_read_for_our_service_only() {
+        let promoting = "slave 127.0.0.1:6381 127.0.0.1 6381 @ mymaster 127.0.0.1 6380";
+        assert_eq!(
+            parse_news(PROMOTING, promoting, "mymaster"),
+            Some(News::Promoting)
+        );
+        assert_eq!(parse_news(PROMOTING, promoting, "other"), None);
+        let aborted = "master mymaster 127.0.0.1 6380";
+        assert_eq!(
+            parse_news(ABORTED, aborted, "mymaster"),
+            Some(News::Aborted)
+        );
+        assert_eq!(parse_news(ABORTED, aborted, "other"), None);
+        assert_eq!(parse_news("+sdown", aborted, "mymaster"), None);
+    }
 
     #[test]
     fn a_switch_is_read_for_our_service_only() {
