@@ -463,6 +463,106 @@ async fn run_failover(sentinels: usize) {
     }
 }
 
+/// `calls=` plus `rejected_calls=` of `cmdstat_evalsha`: every EVALSHA that reached the node,
+/// run or refused.
+fn evalsha_attempts(port: u16) -> u64 {
+    let info = resp(port, &["INFO", "commandstats"]).text();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:"))
+        .map(|stats| {
+            stats
+                .split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    matches!(k, "calls" | "rejected_calls").then(|| v.trim().parse::<u64>().ok())?
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A master turned into a replica behind sluice's back (`REPLICAOF`, as a sentinel demotes one,
+/// on a plain `redis://` URL where no sentinel tells sluice): the first `READONLY` stops the
+/// writes, `ROLE` keeps them stopped while the node is a replica, the fallback answers every
+/// request meanwhile, and counting returns to the node once it is a master again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_turned_replica_is_not_written_until_it_is_master_again() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().await;
+    let node = common::redis::RedisServer::start();
+    let other = common::redis::RedisServer::start();
+    let mut sluice = common::sluice::Sluice::start_with(&[("failover.yaml", &limits())], |s| {
+        common::store::use_redis(s, &node.url())
+    })
+    .await;
+    let source =
+        |r: &common::rls::RateLimitResponse| metadata(r, "source").unwrap_or("").to_string();
+    let first = sluice.call(ask()).await;
+    assert_eq!(source(&first), "redis");
+
+    let port = other.port.to_string();
+    assert_eq!(
+        node.cmd(&["REPLICAOF", "127.0.0.1", &port]),
+        Resp::Simple("OK".into())
+    );
+    wait_until("the node to replicate", Duration::from_secs(10), || {
+        let info = common::resp::info(node.port, "replication");
+        (info.get("master_link_status").map(String::as_str) == Some("up")).then_some(())
+    });
+    // Requests for a second: answered (by the fallback) while the node is a replica, and at most
+    // the batches already on their way when the first READONLY came reach it.
+    let mut sources = Vec::new();
+    let mut attempts_after_first_fallback = None;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let answer = sluice.call(ask()).await;
+        let from = source(&answer);
+        if from == "fallback" && attempts_after_first_fallback.is_none() {
+            tokio::time::sleep(IN_FLIGHT_GRACE).await;
+            attempts_after_first_fallback = Some(evalsha_attempts(node.port));
+        }
+        sources.push(from);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let Some(attempts_then) = attempts_after_first_fallback else {
+        panic!("no answer came from the fallback while the node was a replica: {sources:?}");
+    };
+    let attempts_at_end = evalsha_attempts(node.port);
+    println!(
+        "--- node turned replica: {} requests, {} answered by the fallback; EVALSHA attempts \
+         on the replica after the first fallback answer + {IN_FLIGHT_GRACE:?}: {}",
+        sources.len(),
+        sources.iter().filter(|s| *s == "fallback").count(),
+        attempts_at_end - attempts_then
+    );
+    assert_eq!(
+        attempts_at_end, attempts_then,
+        "sluice kept writing to a replica"
+    );
+
+    assert_eq!(
+        node.cmd(&["REPLICAOF", "NO", "ONE"]),
+        Resp::Simple("OK".into())
+    );
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(5);
+    loop {
+        let answer = sluice.call(ask()).await;
+        if source(&answer) == "redis" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counting did not return to the node within 5 s of it being master again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "  counted on the node again {:?} after REPLICAOF NO ONE",
+        back.elapsed()
+    );
+    sluice.stop().await;
+}
+
 /// Polls `check` every 50 ms until it holds, for at most 15 s.
 async fn wait_until_async<F, Fut>(what: &str, mut check: F)
 where
