@@ -160,14 +160,30 @@ struct Answer {
     result: Result<(bool, String), String>,
 }
 
-async fn run_failover(sentinels: usize) {
+/// Sentinel's clients subscribed to at least one channel (`sub=` above 0 in `CLIENT LIST`).
+fn subscribers(port: u16) -> usize {
+    resp(port, &["CLIENT", "LIST"])
+        .text()
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix("sub="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+        .count()
+}
+
+/// A failover under load with `sentinels` sentinels; with `restart_first`, the sentinel that
+/// will lead it is killed and restarted first, so sluice hears it only if it subscribed again.
+async fn run_failover(sentinels: usize, restart_first: bool) {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     // The counter is one hourly window: a run that crossed an hour would split it.
     let into_hour = now_ms() % HOUR;
     if HOUR - into_hour < 45_000 {
         tokio::time::sleep(Duration::from_millis(HOUR - into_hour + 500)).await;
     }
-    let setup = RedisSentinel::start(sentinels);
+    let mut setup = RedisSentinel::start(sentinels);
     let (old, new) = (setup.master.port, setup.replica.port);
     // A forced failover needs a replica the sentinel knows (from the master's INFO).
     for sentinel in &setup.sentinels {
@@ -208,6 +224,38 @@ async fn run_failover(sentinels: usize) {
             }
         })
         .await;
+    }
+
+    if restart_first {
+        wait_until(
+            "both replicas to subscribe",
+            Duration::from_secs(10),
+            || (subscribers(setup.sentinels[0].port) == 2).then_some(()),
+        );
+        setup.sentinels[0].restart();
+        let restarted = Instant::now();
+        wait_until(
+            "the restarted sentinel to know the replica",
+            Duration::from_secs(20),
+            || {
+                let replicas = resp(
+                    setup.sentinels[0].port,
+                    &["SENTINEL", "replicas", SENTINEL_SERVICE],
+                );
+                let text = replicas.text();
+                (text.contains(&new.to_string()) && text.lines().any(|l| l == "slave"))
+                    .then_some(())
+            },
+        );
+        wait_until(
+            "both replicas to subscribe to the restarted sentinel again",
+            Duration::from_secs(10),
+            || (subscribers(setup.sentinels[0].port) == 2).then_some(()),
+        );
+        println!(
+            "--- sentinel restarted; both replicas subscribed again within {:?}",
+            restarted.elapsed()
+        );
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -424,6 +472,9 @@ async fn run_failover(sentinels: usize) {
         println!("  {line}");
     }
 
+    // Not asserted: admitted <= LIMIT + 2%. What the fallback admits while the connections
+    // move is not in Redis's count, so the fleet admits about that many more than the limit
+    // (printed above); only counts lost on the old master are this file's to prevent.
     assert!(
         errors.is_empty(),
         "{} gRPC errors, first {:?}",
@@ -581,10 +632,10 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_one_sentinel_moves_the_writes_at_once() {
-    run_failover(1).await;
+    run_failover(1, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_with_three_sentinels_moves_the_writes_at_once() {
-    run_failover(3).await;
+async fn failover_with_three_sentinels_one_restarted_moves_the_writes_at_once() {
+    run_failover(3, true).await;
 }
