@@ -105,8 +105,8 @@ enum Event {
 pub struct Follower {
     /// Off for a cluster: nothing here applies to it.
     active: bool,
-    /// False from a `+switch-master`, a `READONLY` or a replica's `ROLE` until every connection
-    /// that is up is checked on the master.
+    /// False from the start of a promotion, a `+switch-master`, a `READONLY` or a replica's
+    /// `ROLE` until every connection that is up is checked on the master.
     writable: AtomicBool,
     /// The master the latest `+switch-master` named: a connection elsewhere is not written.
     /// `None` until a switch is seen (fred's own choice, checked by `ROLE`, stands).
@@ -146,13 +146,15 @@ impl Follower {
         if !self.writable.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::IO,
-                "moving to the new Redis master: not written meanwhile",
+                "a Redis failover is under way: nothing is written until the master is checked",
             ));
         }
-        let expected = lock(&self.expected).clone();
-        if let Some(expected) = expected
-            && !on(client, &expected)
-        {
+        // Every batch passes here: no allocation unless the connection is elsewhere.
+        let elsewhere = match lock(&self.expected).as_ref() {
+            Some(expected) if !on(client, expected) => Some(expected.to_string()),
+            _ => None,
+        };
+        if let Some(expected) = elsewhere {
             self.close(format!(
                 "a connection is not on the master the sentinels name ({expected})"
             ));
@@ -170,7 +172,7 @@ impl Follower {
         if !self.active || self.writable.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err("moving to the new Redis master".into())
+            Err("a Redis failover is under way".into())
         }
     }
 
@@ -210,9 +212,9 @@ fn on(client: &Client, node: &Addr) -> bool {
             .any(|s| s.port == node.port && *s.host == *node.host)
 }
 
-/// Starts following: the mover, a `ROLE` check after every (re)connect of the pool, and for a
-/// Sentinel URL one subscription to `+switch-master` per sentinel. Every task ends once the
-/// store is gone.
+/// Starts following: the mover, a `ROLE` check now and after every (re)connect of the pool,
+/// and for a Sentinel URL one subscription to the failover channels per sentinel. Every task
+/// ends once the store is gone.
 pub fn start(shared: &Arc<Shared>, config: &Config) {
     let follower = &shared.follower;
     if !follower.active {
@@ -222,6 +224,8 @@ pub fn start(shared: &Arc<Shared>, config: &Config) {
         return;
     };
     tokio::spawn(mover(Arc::downgrade(shared), inbox));
+    // The connections made before this point are checked once now.
+    let _ = follower.events.send(Event::Connected);
     for client in shared.pool.clients() {
         let mut connected = client.reconnect_rx();
         let store = Arc::downgrade(shared);
@@ -267,7 +271,7 @@ pub fn start(shared: &Arc<Shared>, config: &Config) {
     }
 }
 
-/// One sentinel's `+switch-master` messages, for as long as the store lives: subscribed again
+/// One sentinel's failover messages, for as long as the store lives: subscribed again
 /// after every reconnect (the client retries for ever, with backoff, when the sentinel goes).
 async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, service: String) {
     let sentinel = Addr::of(&host);
@@ -296,7 +300,7 @@ async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, servi
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     match client.subscribe(vec![SWITCH_MASTER, PROMOTING, ABORTED]).await {
                         Ok(()) => debug!(%sentinel, "watching the sentinel for failovers"),
-                        Err(e) => warn!(%sentinel, error = %describe(&e, None), "cannot subscribe to the sentinel's +switch-master"),
+                        Err(e) => warn!(%sentinel, error = %describe(&e, None), "cannot subscribe to the sentinel's failover channels"),
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
