@@ -45,6 +45,9 @@ pub const REDIS_EVICTION_UNSAFE: &str = "sluice_redis_eviction_policy_unsafe";
 /// 1 for each `maxmemory-policy` the Redis masters report, by `policy` (a fixed set, `other`
 /// for a name not in it, `unknown` while it cannot be read); 0 for the rest.
 pub const REDIS_EVICTION_POLICY: &str = "sluice_redis_eviction_policy";
+/// Moves of the Redis pool to a new master (a Sentinel `+switch-master`, or a node that
+/// answered as a replica).
+pub const REDIS_FAILOVERS: &str = "sluice_redis_failovers_total";
 pub const MEMORY_ENTRIES: &str = "sluice_memory_store_entries";
 pub const MEMORY_REJECTED: &str = "sluice_memory_store_rejected_inserts_total";
 /// Slots of `concurrent` limits in use, by domain and route; each replica moves it by what
@@ -254,6 +257,10 @@ impl Metrics {
             (
                 LEASE_ADMITTED,
                 "Hits admitted from a leased block without a store call",
+            ),
+            (
+                REDIS_FAILOVERS,
+                "Moves of the Redis connections to a new master (Sentinel +switch-master, or a node that answered as a replica)",
             ),
         ];
         for (name, help) in counters {

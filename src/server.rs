@@ -174,6 +174,7 @@ pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<ServerH
         settings::Backend::Memory => LimiterBackend::memory(memory),
         settings::Backend::Redis => {
             let redis = Arc::new(RedisStore::connect(&settings.redis).await?);
+            redis.count_failovers_in(&metrics);
             shared_quota = Some(redis.clone());
             // Before the fallback: it may open the breaker at once and set these series.
             metrics.init_series(Source::Redis.as_str());

@@ -454,7 +454,11 @@ impl Store for FallbackStore {
     fn apply<'a>(&'a self, ops: &'a mut [CounterOp], now: u64) -> StoreFuture<'a> {
         Box::pin(async move {
             let fallback = &self.0;
-            let closed = |op: &CounterOp| !fallback.breaker(fallback.inner.shard(&op.counter)).is_open();
+            let closed = |op: &CounterOp| {
+                !fallback
+                    .breaker(fallback.inner.shard(&op.counter))
+                    .is_open()
+            };
             if ops.iter().all(closed) {
                 return fallback.call(ops, now).await;
             }

@@ -24,7 +24,7 @@ use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
-use super::{describe, is_noscript};
+use super::{describe, is_noscript, is_readonly};
 use crate::limiter::{Algorithm, CounterOp, HitMode, keys};
 
 /// The most calls one `EVALSHA` carries: a batch runs inside Redis without interruption,
@@ -127,6 +127,8 @@ pub struct Shared {
     pub last_error: std::sync::Mutex<Option<String>>,
     /// Told what Redis counted for calls whose requests had given up (see [`orphaned`]).
     pub orphans: std::sync::OnceLock<Orphans>,
+    /// The gate of every write: closed while the pool moves to a new master (see [`super::sentinel`]).
+    pub follower: super::sentinel::Follower,
 }
 
 /// `(counter id, window start or 0 for a token bucket, hits counted)`.
@@ -361,6 +363,9 @@ async fn send_tracked(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
             }
         }
     }
+    if matches!(&reply, Err(e) if is_readonly(e)) {
+        shared.follower.refused_readonly(&shared.target);
+    }
     match reply {
         Ok(Value::Array(items)) if items.len() == calls.len() => {
             items.into_iter().map(Ok).collect()
@@ -394,6 +399,8 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
             ),
         ));
     }
+    // Not to a node the sentinels no longer name, nor while the pool moves to the new one.
+    shared.follower.check(client)?;
     // fred routes custom commands only by an explicit slot (it would hash the SHA).
     let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
     let keys: usize = calls

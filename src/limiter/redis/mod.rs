@@ -28,6 +28,7 @@ pub mod eviction;
 mod shards;
 pub use shards::MAX_SHARDS;
 mod quota;
+mod sentinel;
 
 use super::{CounterOp, Outcome, Source, Store, StoreError, StoreFuture, keys};
 use crate::limits::{REDACTED, RedisSettings, redact_url};
@@ -329,7 +330,9 @@ impl RedisStore {
             progress: batch::Progress::default(),
             last_error: std::sync::Mutex::new(None),
             orphans: std::sync::OnceLock::new(),
+            follower: sentinel::Follower::new(&config),
         });
+        sentinel::start(&shared, &config);
         // What connections report, so a store that cannot connect says why (NOAUTH, ...).
         for client in shared.pool.clients() {
             let errors = Arc::downgrade(&shared);
@@ -423,6 +426,11 @@ fn refused_credentials(e: &Error) -> bool {
 
 pub(crate) fn is_noscript(e: &Error) -> bool {
     e.details().starts_with("NOSCRIPT") || e.to_string().contains("NOSCRIPT")
+}
+
+/// A write refused by a replica (directly, or from inside the script).
+pub(crate) fn is_readonly(e: &Error) -> bool {
+    e.details().starts_with("READONLY") || e.to_string().contains("READONLY You can't write")
 }
 
 fn store_error(e: &Error) -> StoreError {
@@ -600,6 +608,11 @@ impl Remote for RedisStore {
 
     fn probe(&self, shard: usize) -> StoreFuture<'_> {
         Box::pin(async move {
+            // Not answered while the pool moves to a new master: the breaker stays open.
+            self.shared
+                .follower
+                .writable()
+                .map_err(StoreError::Unavailable)?;
             // The counting script itself, one hit on a key of its own that expires within
             // seconds: only a node that takes this write can count.
             let now = std::time::SystemTime::now()

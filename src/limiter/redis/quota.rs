@@ -37,6 +37,7 @@ async fn evalsha(store: &RedisStore, op: &QuotaOp, now: u64) -> Result<Value, Er
             format!("no connection to {} is up", store.shared.target),
         ));
     }
+    store.shared.follower.check(client)?;
     let keys = keys(op, now);
     let slot = fred::util::redis_keyslot(keys[0].as_bytes());
     let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
