@@ -41,7 +41,7 @@ impl Remote for SharedStore {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-    fn probe(&self) -> StoreFuture<'_> {
+    fn probe(&self, _shard: usize) -> StoreFuture<'_> {
         Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -156,7 +156,8 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     // The reason says what the store refuses and what to do.
     let fallback = store.fallback_reason();
     let (status, mut body) = match store.ready() {
-        _ if fallback.is_some() => (
+        // Connected, and still not counting: the reason says what the store refuses.
+        Ok(()) if fallback.is_some() => (
             StatusCode::OK,
             format!(
                 "ready: fallback active (store {}: {}); limits loaded ({} domains)\n",

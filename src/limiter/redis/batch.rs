@@ -125,6 +125,8 @@ pub struct Shared {
     /// The last error a connection reported (secrets removed), so "no connection is up"
     /// can say why: a refused password, a full Redis... Cleared when a connection is made.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// On a cluster, each master's own client (see [`super::shards`]).
+    pub shards: std::sync::OnceLock<Arc<super::shards::Shards>>,
     /// Told what Redis counted for calls whose requests had given up (see [`orphaned`]).
     pub orphans: std::sync::OnceLock<Orphans>,
     /// The gate of every write: closed while the pool moves to a new master (see [`super::sentinel`]).
@@ -388,8 +390,24 @@ async fn send_tracked(shared: &Shared, slot: u16, calls: &[Call]) -> Replies {
 async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Error> {
     // A connection that is down would queue the batch behind its reconnection until a
     // timeout fires: take one that is up, or fail now so the fallback answers at once.
+    // On a cluster, the slot's master's own client: a dead master fails its own calls at once
+    // and stalls nobody else's. fred's cluster client takes a slot whose master has no
+    // client yet, and a slot that moved (MOVED) is sent there again.
+    // (A node client not connected, new or its node down, leaves it to fred's client too.)
+    if let Some(node) = shared
+        .shards
+        .get()
+        .and_then(|s| s.client_for(slot))
+        .filter(|node| node.is_connected())
+    {
+        match evalsha_on(&node, shared, slot, calls).await {
+            Err(e) if e.details().starts_with("MOVED") || e.details().starts_with("ASK") => {}
+            other => return other,
+        }
+    }
     let client = shared.pool.next_connected();
-    if !client.is_connected() {
+    // On a cluster "connected" means every node is: a dead master must not stop the others.
+    if !shared.clustered && !client.is_connected() {
         return Err(Error::new(
             ErrorKind::IO,
             format!(
@@ -401,6 +419,16 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
     }
     // Not to a node the sentinels no longer name, nor while the pool moves to the new one.
     shared.follower.check(client)?;
+    evalsha_on(client, shared, slot, calls).await
+}
+
+/// One `EVALSHA` of the batch script on `client`.
+async fn evalsha_on(
+    client: &Client,
+    shared: &Shared,
+    slot: u16,
+    calls: &[Call],
+) -> Result<Value, Error> {
     // fred routes custom commands only by an explicit slot (it would hash the SHA).
     let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
     let keys: usize = calls

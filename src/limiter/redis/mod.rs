@@ -97,6 +97,30 @@ pub struct RedisStore {
 /// since every counter id of a limit starts with its domain and route.
 const PROBE_COUNTER: &str = "probe";
 
+/// The client settings of every connection sluice makes to Redis.
+fn node_builder(
+    config: Config,
+    connect_timeout: std::time::Duration,
+    command_timeout: std::time::Duration,
+) -> Builder {
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = connect_timeout;
+            c.internal_command_timeout = connect_timeout;
+            // A request must not wait for a reconnect or retry: it fails fast and the
+            // caller's fallback answers.
+            c.max_command_attempts = 1;
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+        })
+        // Reconnect attempts back off to at most 500 ms, so counting returns to Redis within
+        // about half a second of it coming back, however long it was down.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2));
+    builder
+}
+
 /// A probe counter whose slot the shard owns (`probe`, `probe-1`, ... until one lands there).
 fn probe_counter(shards: &shards::Shards, shard: usize) -> String {
     (0..100_000u32)
@@ -265,22 +289,8 @@ impl RedisStore {
         let command_timeout = settings.command_timeout;
         let target = redact_url(&settings.url);
         let builder = |fail_fast: bool| {
-            let mut builder = Builder::from_config(config.clone());
-            builder
-                .with_config(|c| c.fail_fast = fail_fast)
-                .with_connection_config(|c| {
-                    c.connection_timeout = connect_timeout;
-                    c.internal_command_timeout = connect_timeout;
-                    // A request must not wait for a reconnect or retry: it fails fast and
-                    // the caller's fallback answers.
-                    c.max_command_attempts = 1;
-                })
-                .with_performance_config(|p| {
-                    p.default_command_timeout = command_timeout;
-                })
-                // Reconnect attempts back off to at most 500 ms, so counting returns to Redis
-                // within about half a second of it coming back, however long it was down.
-                .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2));
+            let mut builder = node_builder(config.clone(), connect_timeout, command_timeout);
+            builder.with_config(|c| c.fail_fast = fail_fast);
             builder
         };
         let secret = |e: &Error| describe(e, password.as_deref());
@@ -329,6 +339,7 @@ impl RedisStore {
             target,
             progress: batch::Progress::default(),
             last_error: std::sync::Mutex::new(None),
+            shards: std::sync::OnceLock::new(),
             orphans: std::sync::OnceLock::new(),
             follower: sentinel::Follower::new(&config),
         });
@@ -364,10 +375,24 @@ impl RedisStore {
         }
         let eviction = eviction::start(&shared, reachable, settings).await?;
         let shards = shared.clustered.then(|| {
-            let shards = Arc::new(shards::Shards::default());
+            // A plain client per master, with the pool's settings (see [`shards`]).
+            let node_config = config.clone();
+            let connect: shards::Connect = Box::new(move |host: &str, port: u16| {
+                let mut config = node_config.clone();
+                config.server = fred::types::config::ServerConfig::new_centralized(host, port);
+                let client = node_builder(config, connect_timeout, command_timeout)
+                    .build()
+                    .ok()?;
+                let _connection = client.connect();
+                Some(client)
+            });
+            let shards = Arc::new(shards::Shards::new(connect));
             shards::Shards::follow(shards.clone(), shared.pool.clone());
             shards
         });
+        if let Some(shards) = &shards {
+            let _ = shared.shards.set(shards.clone());
+        }
         let store = Self {
             jobs: batch::spawn(shared.clone(), settings.pool_size.max(1)),
             shared,
@@ -556,7 +581,12 @@ impl Store for RedisStore {
         Box::pin(async move {
             // With no connection up, fred would queue the batch until it reconnects or the
             // timeout fires; failing now lets the fallback answer at once.
-            self.ready().map_err(StoreError::Unavailable)?;
+            // (Not on a cluster: a client there is "not connected" while any one node is
+            // down, and the other shards' calls must still go; fred fails the dead node's at
+            // once, one attempt each.)
+            if !self.shared.clustered {
+                self.ready().map_err(StoreError::Unavailable)?;
+            }
             let (reply, answer) = tokio::sync::oneshot::channel();
             let calls = ops.iter().map(|op| batch::Call::of(op, now)).collect();
             self.jobs

@@ -1,6 +1,14 @@
 //! Which Redis Cluster master holds a counter, as a small number: what gives every shard a
 //! breaker of its own, so a failing shard sends only its own counters to the fallback.
 //!
+//! Each master also gets a client of its own (a plain connection to that node), which the
+//! batches of its slots are sent on. Why beside fred's cluster client: that client serves every
+//! node through one router, and while one node is unreachable it stalls the calls to all of
+//! them until it has reconnected (measured: a `kill -9` of one of three masters timed out the
+//! calls of the two live ones for seconds). With a client per master, a dead node's calls
+//! fail at once and only its counters go to the fallback. fred's cluster client still tells
+//! the topology, and takes what the node clients cannot (a MOVED slot, a node not met yet).
+//!
 //! A table of the 16,384 hash slots, each the index of its master in a list of the masters
 //! seen so far, rebuilt from fred's view of the cluster every [`REFRESH`] (and when fred's view
 //! is not there yet, every answer stays shard 0). Reading it is a slot hash and an array
@@ -21,18 +29,32 @@ const REFRESH: Duration = Duration::from_millis(500);
 pub const MAX_SHARDS: usize = 64;
 const SLOTS: usize = 16_384;
 
+/// Makes (and starts connecting) a client to one master, `host` and `port`.
+pub type Connect = Box<dyn Fn(&str, u16) -> Option<Client> + Send + Sync>;
+
 pub struct Shards {
     table: ArcSwap<Vec<u8>>,
     /// The masters seen, by index (`host:port`); a master keeps its index for good.
     names: Mutex<Vec<String>>,
+    /// Each master's own client, by the same index.
+    clients: ArcSwap<Vec<Option<Client>>>,
+    connect: Connect,
 }
 
-impl Default for Shards {
-    fn default() -> Self {
+impl Shards {
+    pub fn new(connect: Connect) -> Self {
         Self {
             table: ArcSwap::from_pointee(vec![0; SLOTS]),
             names: Mutex::new(Vec::new()),
+            clients: ArcSwap::from_pointee(Vec::new()),
+            connect,
         }
+    }
+
+    /// The own client of the master that holds `slot`, once it is known.
+    pub fn client_for(&self, slot: u16) -> Option<Client> {
+        let shard = usize::from(self.table.load().get(usize::from(slot)).copied()?);
+        self.clients.load().get(shard).cloned().flatten()
     }
 }
 
@@ -62,31 +84,41 @@ impl Shards {
             return;
         };
         let mut table = vec![0u8; SLOTS];
+        let mut clients = (**self.clients.load()).clone();
         for range in routing.slots() {
             let name = format!("{}:{}", range.primary.host, range.primary.port);
             let index = match names.iter().position(|n| *n == name) {
                 Some(i) => i,
                 None => {
                     names.push(name);
+                    clients.push((self.connect)(&range.primary.host, range.primary.port));
                     names.len() - 1
                 }
             };
             let index = (index % MAX_SHARDS) as u8;
-            for slot in usize::from(range.start)..=usize::from(range.end).min(SLOTS - 1) {
-                table[slot] = index;
+            let (start, end) = (
+                usize::from(range.start),
+                usize::from(range.end).min(SLOTS - 1),
+            );
+            if start <= end {
+                table[start..=end].fill(index);
             }
         }
         drop(names);
+        self.clients.store(Arc::new(clients));
         self.table.store(Arc::new(table));
     }
 
-    /// Follows the cluster until the pool is gone.
+    /// Follows the cluster until the store is gone (nothing else holds the shards).
     pub fn follow(shards: Arc<Shards>, pool: Pool) {
         tokio::spawn(async move {
             loop {
-                shards.refresh(&pool.next());
+                shards.refresh(pool.next());
                 tokio::time::sleep(REFRESH).await;
                 if Arc::strong_count(&shards) == 1 {
+                    for client in shards.clients.load().iter().flatten() {
+                        let _ = client.quit().await;
+                    }
                     return;
                 }
             }
