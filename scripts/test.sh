@@ -110,10 +110,12 @@ env -u SLUICE_REDIS_SERVER cargo test --all-targets --locked --no-fail-fast
 # against one node (redis_backend: answers, keys, scripts, NOSCRIPT, credentials;
 # redis_exactness: exact counts from three replicas, on one node and on a cluster;
 # resilience_cache: the over-limit cache in front of Redis; redis_eviction: the
-# maxmemory-policy check) and against a cluster (redis_cluster), plus valkey, which fails
+# maxmemory-policy check; redis_reconcile: the fallback continuing the count and writing it
+# back under OOM and NOAUTH) and against a cluster (redis_cluster; redis_cluster_faults: a
+# dead master's counters alone go to the fallback), plus valkey, which fails
 # if the server started is not really Valkey. Not redis_tls (the wheel's valkey-server is
 # built without TLS) nor redis_sentinel (Sentinel is not part of what is claimed for Valkey).
 log "cargo test, Redis suites against $("$SLUICE_VALKEY_BIN" --version | head -n 1)"
 SLUICE_REDIS_SERVER="$SLUICE_VALKEY_BIN" cargo test --locked --no-fail-fast \
   --test valkey --test redis_backend --test redis_exactness --test resilience_cache \
-  --test redis_cluster --test redis_eviction
+  --test redis_cluster --test redis_eviction --test redis_reconcile --test redis_cluster_faults

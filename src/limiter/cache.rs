@@ -6,7 +6,9 @@
 //! remembered, so when Redis comes back its counts decide again at once. Bounded: at
 //! `max_entries` new over-limit counters are simply not remembered (they still get correct
 //! answers from the store); expired entries are dropped by [`OverLimitCache::sweep`].
-//! A reload that raises a limit takes effect for a cached counter at its reset time.
+//! A reload that raises a limit takes effect for a cached counter at its reset time. A
+//! give-back forgets its counter here (what it returned may let the next hit pass); a cached
+//! refusal on another replica lasts until its reset time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,8 @@
 //! [`Store`] has one method, `apply`, because counting is all the request path asks of a
 //! store. What only some stores have (being down, being probed, gauges to publish) lives
 //! beside it in [`backend`], which is what the server builds and the health endpoints read.
-//! The wrappers compose: over-limit [`cache`] → [`fallback`] → [`redis`], each a `Store`.
+//! The wrappers compose: over-limit [`cache`] → [`fallback`] (with its [`reconcile`] ledger)
+//! → [`lease`] → [`redis`], each a `Store`.
 
 pub mod algorithm;
 pub mod backend;

@@ -10,23 +10,24 @@
 //! restarted or failed over and lost its script cache) loads the script again and resends
 //! the batch once, so no request fails for it.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use fred::interfaces::LuaInterface;
 use fred::prelude::*;
-use fred::rustls;
-use fred::rustls::pki_types::pem::PemObject as _;
-use fred::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use fred::types::Value;
 use fred::types::config::TlsConnector;
 use tracing::{info, warn};
 
 use super::backend::Remote;
 pub mod batch;
+mod errors;
 pub mod eviction;
 mod shards;
+mod tls;
+pub(crate) use errors::{is_noscript, is_readonly};
+use errors::{refused_credentials, store_error};
 pub use shards::MAX_SHARDS;
+use tls::tls_client_config;
 mod quota;
 mod sentinel;
 
@@ -135,113 +136,6 @@ pub(crate) fn describe(err: &Error, password: Option<&str>) -> String {
     match password {
         Some(p) if !p.is_empty() => text.replace(p, REDACTED),
         _ => text,
-    }
-}
-
-/// The rustls client configuration of `redis.tls_*`, or `None` when none is set (a
-/// `rediss://` URL then trusts the system roots, fred's default).
-///
-/// With `tls_ca_file`, exactly the CAs of that PEM bundle are trusted, nothing else.
-fn tls_client_config(
-    settings: &RedisSettings,
-) -> Result<Option<rustls::ClientConfig>, RedisSetupError> {
-    let (ca, cert, key) = (
-        &settings.tls_ca_file,
-        &settings.tls_client_cert_file,
-        &settings.tls_client_key_file,
-    );
-    if ca.is_none() && cert.is_none() && key.is_none() {
-        return Ok(None);
-    }
-    let roots = match ca {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let pem = read_tls_file("tls_ca_file", path)?;
-            for der in CertificateDer::pem_slice_iter(&pem) {
-                let der = der.map_err(|e| pem_error("tls_ca_file", path, "certificate", e))?;
-                roots
-                    .add(der)
-                    .map_err(|e| pem_error("tls_ca_file", path, "CA certificate", e))?;
-            }
-            if roots.is_empty() {
-                return Err(pem_error("tls_ca_file", path, "certificate", ""));
-            }
-            roots
-        }
-        None => {
-            // Only a client certificate: keep the system roots, as a plain rediss:// does.
-            let mut roots = rustls::RootCertStore::empty();
-            let native = fred::rustls_native_certs::load_native_certs();
-            for der in native.certs {
-                let _ = roots.add(der);
-            }
-            if roots.is_empty() {
-                return Err(RedisSetupError::Tls(format!(
-                    "no system root certificates could be loaded ({:?}); set redis.tls_ca_file",
-                    native.errors
-                )));
-            }
-            roots
-        }
-    };
-    // Explicitly ring (the provider fred is built with), so no process-wide default is needed.
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| RedisSetupError::Tls(e.to_string()))?
-    .with_root_certificates(roots);
-    let config = match (cert, key) {
-        (None, None) => builder.with_no_client_auth(),
-        (Some(cert_path), Some(key_path)) => {
-            let pem = read_tls_file("tls_client_cert_file", cert_path)?;
-            let chain = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_error("tls_client_cert_file", cert_path, "certificate", e))?;
-            if chain.is_empty() {
-                return Err(pem_error(
-                    "tls_client_cert_file",
-                    cert_path,
-                    "certificate",
-                    "",
-                ));
-            }
-            let pem = read_tls_file("tls_client_key_file", key_path)?;
-            let key = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| pem_error("tls_client_key_file", key_path, "private key", e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| RedisSetupError::Tls(format!("client certificate and key: {e}")))?
-        }
-        _ => return Err(RedisSetupError::TlsClientPair),
-    };
-    Ok(Some(config))
-}
-
-fn read_tls_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, RedisSetupError> {
-    std::fs::read(path).map_err(|source| RedisSetupError::TlsFile {
-        setting,
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-fn pem_error(
-    setting: &'static str,
-    path: &Path,
-    what: &'static str,
-    detail: impl std::fmt::Display,
-) -> RedisSetupError {
-    let detail = detail.to_string();
-    RedisSetupError::TlsPem {
-        setting,
-        path: path.display().to_string(),
-        what,
-        detail: if detail.is_empty() {
-            String::new()
-        } else {
-            format!(": {detail}")
-        },
     }
 }
 
@@ -438,96 +332,6 @@ impl RedisStore {
     }
 }
 
-/// Whether Redis itself refused the credentials, which retrying cannot fix. Decided from
-/// Redis's reply (fred maps `WRONGPASS` and `NOAUTH` to an auth error), never from words in
-/// a message: a connect error to a host named `auth-cache` is not a refusal.
-fn refused_credentials(e: &Error) -> bool {
-    matches!(e.kind(), ErrorKind::Auth)
-        || e.details().starts_with("WRONGPASS")
-        || e.details().starts_with("NOAUTH")
-        // A password given to a Redis that has none: a configuration error as well.
-        || (e.details().starts_with("ERR AUTH") && e.details().contains("without any password"))
-}
-
-pub(crate) fn is_noscript(e: &Error) -> bool {
-    e.details().starts_with("NOSCRIPT") || e.to_string().contains("NOSCRIPT")
-}
-
-/// A write refused by a replica (directly, or from inside the script).
-pub(crate) fn is_readonly(e: &Error) -> bool {
-    e.details().starts_with("READONLY") || e.to_string().contains("READONLY You can't write")
-}
-
-fn store_error(e: &Error) -> StoreError {
-    let message = describe(e, None);
-    if matches!(e.kind(), ErrorKind::Timeout) {
-        return StoreError::Timeout;
-    }
-    match refusal(&message) {
-        Some((kind, advice)) => StoreError::Refused {
-            kind,
-            detail: format!("Redis refuses to count ({message}): {advice}"),
-        },
-        None => StoreError::Unavailable(message),
-    }
-}
-
-/// The errors of a Redis that is up and still cannot count, each with a fixed label and what
-/// the operator can do. Read from Redis's own error codes (the first word of its reply, which
-/// fred keeps in the message; inside a script's error too).
-fn refusal(message: &str) -> Option<(&'static str, &'static str)> {
-    const KNOWN: [(&str, &str, &str); 8] = [
-        (
-            "OOM",
-            "oom",
-            "Redis is at maxmemory and refuses writes; raise maxmemory or free memory (with maxmemory-policy noeviction, which keeps counters from being evicted)",
-        ),
-        (
-            "READONLY",
-            "readonly",
-            "the node sluice writes to is a replica (a failover demoted it, or redis.url names a replica); point redis.url at the master or at the sentinels",
-        ),
-        (
-            "NOAUTH",
-            "noauth",
-            "Redis requires a password sluice did not send; set redis.password (SLUICE_REDIS_PASSWORD or redis.password_file) and redis.username if ACLs are used",
-        ),
-        (
-            "WRONGPASS",
-            "noauth",
-            "Redis refused the credentials; check redis.username and redis.password",
-        ),
-        (
-            "NOPERM",
-            "noperm",
-            "the Redis user may not run the counting script; allow EVALSHA, SCRIPT and the keys sluice:* for it",
-        ),
-        (
-            "MISCONF",
-            "misconf",
-            "Redis refuses writes because it cannot save its snapshot (stop-writes-on-bgsave-error); fix its disk or persistence settings",
-        ),
-        (
-            "LOADING",
-            "loading",
-            "Redis is loading its dataset; it counts again once loaded",
-        ),
-        (
-            "CLUSTERDOWN",
-            "clusterdown",
-            "the Redis Cluster is down (slots without a master); it counts again once every slot is served",
-        ),
-    ];
-    KNOWN
-        .iter()
-        .find(|(code, _, _)| {
-            message.starts_with(code)
-                || message.contains(&format!(" {code} "))
-                || message.contains(&format!("-{code} "))
-        })
-        .map(|(_, kind, advice)| (*kind, *advice))
-}
-
 /// Reads a script's `{ over, remaining, reset_ms[, hits taken[, slots expired]] }` reply;
 /// anything else is a bad reply. Without the fourth value (sliding window), an admitted take
 /// took its hits.
@@ -567,10 +371,14 @@ impl RedisStore {
         if self.shared.pool.clients().iter().any(|c| c.is_connected()) {
             Ok(())
         } else {
+            let note = self.shared.last_error_note();
+            // A connection refused for a reason the operator can fix says what to do.
+            let advice = errors::refusal(&note)
+                .map(|(_, advice)| format!(": {advice}"))
+                .unwrap_or_default();
             Err(format!(
-                "not connected to {}{}",
-                self.shared.target,
-                self.shared.last_error_note()
+                "not connected to {}{note}{advice}",
+                self.shared.target
             ))
         }
     }
@@ -709,36 +517,5 @@ impl Remote for RedisStore {
 
     fn report(&self, metrics: &crate::metrics::Metrics) {
         self.eviction.report(metrics);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_redis_refusing_the_credentials_is_a_credentials_error() {
-        for refused in [
-            Error::new(ErrorKind::Auth, "WRONGPASS invalid username-password pair"),
-            Error::new(ErrorKind::Unknown, "NOAUTH Authentication required."),
-            Error::new(
-                ErrorKind::Unknown,
-                "ERR AUTH <password> called without any password configured for the default user.",
-            ),
-        ] {
-            assert!(refused_credentials(&refused), "{refused:?}");
-        }
-        // Words in a connect error are not a refusal: the host may be called auth-cache.
-        for other in [
-            Error::new(
-                ErrorKind::IO,
-                "connect to auth-cache:6379: connection refused",
-            ),
-            Error::new(ErrorKind::IO, "AUTH timed out"),
-            Error::new(ErrorKind::Timeout, "Request timed out after AUTH"),
-            Error::new(ErrorKind::Unknown, "ERR unknown command 'AUTHX'"),
-        ] {
-            assert!(!refused_credentials(&other), "{other:?}");
-        }
     }
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use fred::types::config::{Server, ServerConfig};
-use fred::types::{ClusterHash, CustomCommand, Message, Value};
+use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -42,15 +42,18 @@ use super::batch::Shared;
 use super::describe;
 use crate::metrics::{self, Metrics};
 
+mod news;
+use news::{News, news_of};
+
 /// The channel sentinels announce a new master on: `<name> <old ip> <old port> <new ip> <new port>`.
-const SWITCH_MASTER: &str = "+switch-master";
+pub const SWITCH_MASTER: &str = "+switch-master";
 /// What the sentinel leading a failover publishes just before it tells the chosen replica to
 /// become master (`slave <name> <ip> <port> @ <master name> <ip> <port>`): what the old master
 /// takes from then on is lost when it is demoted, so nothing is written until the switch.
-const PROMOTING: &str = "+failover-state-send-slaveof-noone";
+pub const PROMOTING: &str = "+failover-state-send-slaveof-noone";
 /// A failover given up after the replica was told to become master (`master <name> <ip>
 /// <port>`): writing resumes on the master, once checked.
-const ABORTED: &str = "-failover-abort-slave-timeout";
+pub const ABORTED: &str = "-failover-abort-slave-timeout";
 /// The most writes wait for a `+switch-master` after [`PROMOTING`] (a replica is usually
 /// promoted within the sentinel's one-second INFO period); then, if `ROLE` still says master,
 /// the old master is written again.
@@ -326,53 +329,6 @@ async fn watch_sentinel(store: Weak<Shared>, config: Config, host: Server, servi
     let _ = client.quit().await;
 }
 
-/// What a sentinel's message says about `service`'s master.
-#[derive(Debug, PartialEq)]
-enum News {
-    /// From the old master to the new one.
-    Switch(Addr, Addr),
-    Promoting,
-    Aborted,
-}
-
-fn news_of(message: &Message, service: &str) -> Option<News> {
-    parse_news(&message.channel, &message.value.as_string()?, service)
-}
-
-fn parse_news(channel: &str, text: &str, service: &str) -> Option<News> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    match channel {
-        SWITCH_MASTER => parse_switch(text, service).map(|(from, to)| News::Switch(from, to)),
-        // `slave <name> <ip> <port> @ <master name> <ip> <port>`
-        PROMOTING => {
-            let at = words.iter().position(|w| *w == "@")?;
-            (words.first() == Some(&"slave") && words.get(at + 1) == Some(&service))
-                .then_some(News::Promoting)
-        }
-        // `master <name> <ip> <port>`
-        ABORTED => (words.first() == Some(&"master") && words.get(1) == Some(&service))
-            .then_some(News::Aborted),
-        _ => None,
-    }
-}
-
-fn parse_switch(text: &str, service: &str) -> Option<(Addr, Addr)> {
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let [name, old_host, old_port, new_host, new_port] = parts[..] else {
-        return None;
-    };
-    if name != service {
-        return None;
-    }
-    let addr = |host: &str, port: &str| {
-        Some(Addr {
-            host: host.to_string(),
-            port: port.parse().ok()?,
-        })
-    };
-    Some((addr(old_host, old_port)?, addr(new_host, new_port)?))
-}
-
 /// A sentinel named a new master. From now on no connection elsewhere is written; if any
 /// connection is elsewhere, the gate closes at once and the mover moves the pool. The same
 /// switch heard from another sentinel changes nothing.
@@ -624,57 +580,5 @@ async fn move_pool(
             event = inbox.recv() => if event.is_none() { return },
         }
         pause = (pause * 2).min(MOST_PAUSE);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn promotion_and_abort_are_read_for_our_service_only() {
-        let promoting = "slave 127.0.0.1:6381 127.0.0.1 6381 @ mymaster 127.0.0.1 6380";
-        assert_eq!(
-            parse_news(PROMOTING, promoting, "mymaster"),
-            Some(News::Promoting)
-        );
-        assert_eq!(parse_news(PROMOTING, promoting, "other"), None);
-        let aborted = "master mymaster 127.0.0.1 6380";
-        assert_eq!(
-            parse_news(ABORTED, aborted, "mymaster"),
-            Some(News::Aborted)
-        );
-        assert_eq!(parse_news(ABORTED, aborted, "other"), None);
-        assert_eq!(parse_news("+sdown", aborted, "mymaster"), None);
-    }
-
-    #[test]
-    fn a_switch_is_read_for_our_service_only() {
-        assert_eq!(
-            parse_switch("mymaster 127.0.0.1 6380 10.0.0.2 6381", "mymaster"),
-            Some((
-                Addr {
-                    host: "127.0.0.1".into(),
-                    port: 6380
-                },
-                Addr {
-                    host: "10.0.0.2".into(),
-                    port: 6381
-                }
-            ))
-        );
-        assert_eq!(
-            parse_switch("other 127.0.0.1 6380 10.0.0.2 6381", "mymaster"),
-            None
-        );
-        for bad in [
-            "",
-            "mymaster",
-            "mymaster 127.0.0.1 6380 10.0.0.2",
-            "mymaster 127.0.0.1 x 10.0.0.2 6381",
-            "mymaster 127.0.0.1 6380 10.0.0.2 6381 extra",
-        ] {
-            assert_eq!(parse_switch(bad, "mymaster"), None, "{bad:?}");
-        }
     }
 }
