@@ -20,12 +20,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use fred::prelude::*;
+use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
 use super::{describe, is_noscript, is_readonly};
 use crate::limiter::{Algorithm, CounterOp, HitMode, keys};
+
+/// How long a batch waits for Redis's reply (whatever `redis.command_timeout` says, which
+/// bounds the other commands): long past any request's budget.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most calls one `EVALSHA` carries: a batch runs inside Redis without interruption,
 /// so it is kept to about a millisecond of script time.
@@ -454,5 +459,16 @@ async fn evalsha_on(
                 .map(|&v| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
         );
     }
-    client.custom::<Value, _>(command, args).await
+    // A batch waits for its reply longer than any request waits for it: a request whose
+    // deadline passes is answered by the fallback meanwhile, and the late reply says what
+    // Redis counted for it, so it is counted once (see [`orphaned`]). A batch given up at the
+    // request's own timeout could have run and be counted twice.
+    let options = Options {
+        timeout: Some(REPLY_WAIT),
+        ..Options::default()
+    };
+    client
+        .with_options(&options)
+        .custom::<Value, _>(command, args)
+        .await
 }
