@@ -291,12 +291,23 @@ async fn timeouts_under_load_are_not_failures_and_every_admission_is_counted() {
     assert_eq!(admitted, total);
     println!("{fallback} of {total} answered by the fallback behind the queue");
     assert_eq!(breaker(&s, "open").await, 0.0, "load opened the breaker");
+    // Settled: nothing owed, and the corrections of what was counted twice sent (a flush
+    // every 100 ms).
     wait_for("the write-back", Duration::from_secs(5), async || {
+        let page = scrape(s.handle().http_addr).await;
         redis_count(&redis, "queued") as u64 >= total
+            && metric(&page, "sluice_fallback_owed_hits") == Some(0.0)
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let counted = redis_count(&redis, "queued") as u64;
     println!("{admitted} admitted, {counted} in Redis's counter");
+    let page = scrape(s.handle().http_addr).await;
+    for state in ["owed", "written_back", "forgiven", "expired", "refused"] {
+        let name = format!("sluice_fallback_hits_total{{state=\"{state}\"}}");
+        println!("  {state}: {:?}", metric(&page, &name));
+    }
+
     assert!(
         counted <= total + total / 100,
         "{counted} counted for {total} admitted"
@@ -336,4 +347,32 @@ async fn a_give_back_frees_a_cached_refusal_in_memory_and_redis() {
         }
         s.stop().await;
     }
+}
+
+/// Redis restarted empty (no persistence): the write-back carries the count the fallback
+/// started from as a floor, so the restarted Redis gets the whole count back, not just what
+/// the fallback added: 15 used, Redis killed, 5 more admitted, Redis back empty: it holds 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_gets_the_whole_count_back() {
+    let mut redis = RedisServer::start();
+    let mut s = start(&redis, |_| {}).await;
+    for name in ["fixed", "sliding"] {
+        assert_eq!(hits(&mut s, name, 15).await, (15, 0), "{name}");
+    }
+    redis.kill9();
+    for name in ["fixed", "sliding"] {
+        let (admitted, fallback) = hits(&mut s, name, 10).await;
+        assert_eq!((admitted, fallback), (5, 10), "{name}: 5 of 10 were left");
+    }
+    redis.restart();
+    wait_for("the write-back", Duration::from_secs(10), async || {
+        redis_count(&redis, "fixed") == 20 && redis_count(&redis, "sliding") == 20
+    })
+    .await;
+    for name in ["fixed", "sliding"] {
+        let r = s.ask("faults", &[&route(name)]).await;
+        assert_eq!(r.overall_code, Code::OverLimit as i32, "{name}: {r:?}");
+        assert_eq!(metadata(&r, "source"), Some("redis"), "{name}: {r:?}");
+    }
+    s.stop().await;
 }

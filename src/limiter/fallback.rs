@@ -43,8 +43,9 @@ const STALLED_AFTER: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// The most charges one write-back call carries.
 const FLUSH_BATCH: usize = 256;
-/// How long a write-back call may take: it is not on any request's path.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a write-back call may take: it is not on any request's path, and it outlasts
+/// the batch's own wait for a reply, so a reply that comes is never taken for a loss.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy)]
 pub struct FallbackConfig {
@@ -196,6 +197,9 @@ impl Fallback {
                 Err(_) => Some(StoreError::Timeout.to_string()),
             };
             let Some(error) = error else {
+                // What the fallback admitted goes back first, so the store's first answers
+                // after the close already hold it.
+                self.write_back(Some(shard)).await;
                 self.close(shard);
                 return;
             };
@@ -317,7 +321,7 @@ impl Fallback {
                 _ = stop.wait_for(|stop| *stop) => true,
             };
             if self.ledger.owes() {
-                self.write_back().await;
+                self.write_back(None).await;
             }
             if stopping {
                 return;
@@ -326,13 +330,15 @@ impl Fallback {
     }
 
     /// One round of write-back: every owed hit, in calls of [`FLUSH_BATCH`] grouped by the
-    /// time they are counted at.
-    async fn write_back(self: &Arc<Self>) {
+    /// time they are counted at; not for shards whose breaker is open, but for `closing` (the
+    /// shard whose probe just succeeded, written back before its breaker closes).
+    async fn write_back(self: &Arc<Self>, closing: Option<usize>) {
         let now = self.clock.now_ms();
         let mut charges = self.ledger.drain(now, usize::MAX);
         // A shard whose breaker is open keeps its charges for later.
         charges.retain(|c| {
-            let open = self.breaker(self.inner.shard(&c.op.counter)).is_open();
+            let shard = self.inner.shard(&c.op.counter);
+            let open = self.breaker(shard).is_open() && closing != Some(shard);
             if open {
                 self.ledger.unsent(c);
             }

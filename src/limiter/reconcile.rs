@@ -12,6 +12,11 @@
 //!   sends them as [`HitMode::Charge`] calls, recorded unconditionally into the window that
 //!   admitted them, then forgets them once the store acknowledged.
 //!
+//! A request the fallback answered because its deadline passed, whose call had already left,
+//! is counted by the store too: the late reply is reported here ([`Ledger::forgive`]) and the
+//! hits are no longer owed; if they had already been written back, they become credit, taken
+//! from the next hits owed or given back to the store, so such a request is counted once.
+//!
 //! Errs towards limiting, never the other way: a flush that timed out but landed is charged
 //! twice when resent; hits that are being flushed still count against the local answers; a
 //! counter the owed map has no room for is refused rather than admitted unaccounted.
@@ -48,6 +53,11 @@ struct Window {
     hits: u64,
     /// Sent and not acknowledged yet.
     sending: u64,
+    /// What the store had counted in this window when the fallback took over (the last answer
+    /// before it): sent with the charge as a floor, so a store that lost its data (restarted
+    /// empty, or evicted the key) gets the count back, not just what the fallback added. A
+    /// floor raises the counter to at least itself, so every replica may send it.
+    floor: u64,
     /// Hits the store counted for requests the fallback answered, that arrived after their
     /// owed hits had left in a write-back: the next hits owed in this window are taken from
     /// this first, so neither is counted twice.
@@ -63,6 +73,9 @@ impl Window {
 /// A counter's unrecorded admissions: its current window and the one before.
 #[derive(Debug, Clone, Copy)]
 struct Owed {
+    /// False for an entry made by a late store reply before its hits were owed: its
+    /// algorithm and threshold come with the owing, which follows at once.
+    described: bool,
     algorithm: Algorithm,
     threshold: Threshold,
     windows: [Window; 2],
@@ -114,6 +127,7 @@ fn window_of(algorithm: Algorithm, threshold: &Threshold, now: u64) -> u64 {
 /// A counter that owes nothing (dropped at the next [`Ledger::forget_settled`]).
 fn empty_owed() -> Owed {
     Owed {
+        described: false,
         algorithm: Algorithm::FixedWindow,
         threshold: Threshold::new(0, super::Unit::Second),
         windows: [Window::default(); 2],
@@ -215,13 +229,16 @@ impl Ledger {
             return true;
         }
         let window = window_of(op.algorithm, &op.threshold, now);
+        // The store's count in this window, as last answered (before the fallback took over:
+        // nothing is observed while it answers).
+        let known = self.known.get(&op.counter).filter(|k| {
+            k.expires_at > now && window_of(op.algorithm, &op.threshold, k.at) == window
+        });
         let stored = self.owed.try_update(&op.counter, |held| {
-            let mut owed = held.copied().unwrap_or(Owed {
-                algorithm: op.algorithm,
-                threshold: op.threshold,
-                windows: [Window::default(); 2],
-            });
+            let mut owed = held.copied().unwrap_or_else(empty_owed);
             // The configured threshold, whatever the local answer divided it into.
+            owed.described = true;
+            owed.algorithm = op.algorithm;
             owed.threshold = op.threshold;
             let slot = match owed.windows.iter().position(|w| w.start == window) {
                 Some(i) => i,
@@ -245,6 +262,9 @@ impl Ledger {
                 }
             };
             let w = &mut owed.windows[slot];
+            if let Some(known) = known {
+                w.floor = w.floor.max(known.used);
+            }
             let from_credit = op.hits.min(w.credit);
             w.credit -= from_credit;
             w.hits = w.hits.saturating_add(op.hits - from_credit);
@@ -312,12 +332,33 @@ impl Ledger {
                 let Some(mut owed) = held.copied() else {
                     return ((), empty_owed());
                 };
+                if !owed.described {
+                    return ((), owed);
+                }
                 let period = owed.threshold.period_ms();
                 let current = window_of(owed.algorithm, &owed.threshold, now);
                 for w in owed.windows.iter_mut() {
                     if w.hits == 0 {
                         // Credit outlives its window no more than owed hits do.
                         if w.start != current && w.start.saturating_add(period) != current {
+                            w.credit = 0;
+                        }
+                        // Credit nothing owed will use, with nothing on its way: the store
+                        // counted those hits twice (a write-back and the late call), so they
+                        // are given back.
+                        if w.credit > 0 && w.sending == 0 && w.start == current {
+                            let op = CounterOp::new(
+                                counter.clone(),
+                                owed.algorithm,
+                                owed.threshold,
+                                w.credit,
+                                HitMode::Give,
+                            );
+                            charges.push(Charge {
+                                op,
+                                at: now,
+                                window: w.start,
+                            });
                             w.credit = 0;
                         }
                         continue;
@@ -347,6 +388,8 @@ impl Ledger {
                         HitMode::Charge,
                     );
                     op.outcome = Outcome::default();
+                    // The floor rides in the lease field, which a charge never uses.
+                    op.block = w.floor;
                     charges.push(Charge {
                         op,
                         at,
@@ -365,6 +408,11 @@ impl Ledger {
     /// The store recorded `charge` and answered `answered` for it: its hits are no longer
     /// owed, and the answer is what the store now says of the counter.
     pub fn settled(&self, charge: &Charge, answered: &CounterOp) {
+        if charge.op.mode == HitMode::Give {
+            // A correction (see [`Ledger::drain`]): nothing was owed.
+            self.observe_one(answered, charge.at);
+            return;
+        }
         self.stats
             .written_back
             .fetch_add(charge.op.hits, Ordering::Relaxed);
@@ -377,6 +425,17 @@ impl Ledger {
 
     /// The store did not take `charge`: its hits are owed again, for the next flush.
     pub fn unsent(&self, charge: &Charge) {
+        if charge.op.mode == HitMode::Give {
+            // Or given back: the credit waits for the next flush.
+            if self.owed.get(&charge.op.counter).is_some() {
+                self.with_window(charge, |w| {
+                    w.credit = w.credit.saturating_add(charge.op.hits)
+                });
+            } else {
+                self.forgive(&charge.op.counter, charge.window, charge.op.hits);
+            }
+            return;
+        }
         self.with_window(charge, |w| {
             let back = charge.op.hits.min(w.sending);
             w.sending -= back;
@@ -412,9 +471,11 @@ impl Ledger {
         total
     }
 
-    /// Forgets store answers that no longer say anything at `now`.
+    /// Forgets store answers that no longer say anything at `now`, and late replies whose
+    /// owing never came.
     pub fn sweep(&self, now: u64) {
         self.known.retain(|k| k.expires_at > now);
+        self.owed.retain(|o| o.described);
     }
 }
 

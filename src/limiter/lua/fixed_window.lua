@@ -8,7 +8,7 @@
 -- ARGV[5]  1 to give hits back (is_negative_hits), 0 to take them, 2 to charge them (a take:
 --          a fixed window counts every hit, over or not)
 -- ARGV[6]  (burst, unused here)
--- ARGV[7]  0, or a lease: take up to this many hits at once (limiter::algorithm::
+-- ARGV[7]  0, or a lease (for a charge: the floor, see below): take up to this many hits at once (limiter::algorithm::
 --          fixed_window_lease): at least ARGV[4], at most what is left and at most an
 --          eighth of it unless ARGV[4] alone needs more
 --
@@ -18,6 +18,13 @@ local period = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local hits = tonumber(ARGV[4])
 local block = tonumber(ARGV[7] or '0')
+-- A charge carries, in ARGV[7], the count the caller last saw in this window (a floor): when
+-- the key is gone (Redis restarted empty, or evicted it) the count starts from there again.
+local floor = 0
+if ARGV[5] == '2' then
+  floor = block
+  block = 0
+end
 local window = now - (now % period)
 local taken = 0
 local count
@@ -40,6 +47,9 @@ else
     if hits <= left then
       add = math.min(math.max(block, hits), left, math.max(hits, math.ceil(left / 8)))
     end
+  end
+  if floor > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+    add = add + floor
   end
   count = redis.call('INCRBY', KEYS[1], add)
   if count <= limit then

@@ -41,9 +41,17 @@ if ARGV[5] == '1' then
 end
 
 if ARGV[5] == '2' then
+  -- ARGV[7] of a charge: the estimate the caller last saw in this window (a floor). When the
+  -- window's key is gone (Redis restarted empty, or evicted it), the count starts from there.
+  local floor = tonumber(ARGV[7] or '0')
+  local add = hits
+  if floor > estimate and redis.call('EXISTS', KEYS[1]) == 0 then
+    add = add + floor - estimate
+    estimate = floor
+  end
   local after = estimate + hits
-  if hits > 0 then
-    redis.call('INCRBY', KEYS[1], ARGV[4])
+  if add > 0 then
+    redis.call('INCRBY', KEYS[1], string.format('%.0f', add))
     redis.call('PEXPIRE', KEYS[1], window + 2 * period - now)
   end
   local over = 0

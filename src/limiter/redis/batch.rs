@@ -115,7 +115,38 @@ pub type Replies = Vec<Result<Value, Error>>;
 /// One request's calls and where its answer goes.
 pub struct Job {
     pub calls: Vec<Call>,
-    pub reply: oneshot::Sender<Replies>,
+    /// The calls come back with their replies, so a reply nobody reads can still be told
+    /// to the orphan handler (see [`Answer`]).
+    pub reply: oneshot::Sender<(Vec<Call>, Replies)>,
+}
+
+/// A request's wait for its job's replies. Dropped before it read them (the request's
+/// deadline passed), it tells what Redis counted to the orphan handler, whether the replies
+/// are already there or come later (then the dispatcher finds nobody waiting and does it).
+pub struct Answer<'a> {
+    pub rx: Option<oneshot::Receiver<(Vec<Call>, Replies)>>,
+    pub shared: &'a Shared,
+}
+
+impl Answer<'_> {
+    /// The replies, once they are there.
+    pub async fn replies(&mut self) -> Option<Replies> {
+        let rx = self.rx.as_mut()?;
+        let answered = rx.await.ok().map(|(_, replies)| replies);
+        self.rx = None;
+        answered
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok((calls, replies)) = rx.try_recv() {
+                orphaned(self.shared, &calls, replies);
+            }
+        }
+    }
 }
 
 /// What the dispatcher and its batches share.
@@ -259,14 +290,17 @@ async fn run(shared: &Arc<Shared>, batch: Vec<Job>) {
         send(shared, 0, &calls).await
     };
     let mut results = results.into_iter();
-    let mut first = 0;
+    let mut calls = calls.into_iter();
     for (reply, count) in waiting {
+        let own = (
+            calls.by_ref().take(count).collect(),
+            results.by_ref().take(count).collect(),
+        );
         // The request may have given up (its deadline passed and the fallback answered it):
         // Redis counted its hits anyway, which the fallback must not owe as well.
-        if let Err(replies) = reply.send(results.by_ref().take(count).collect()) {
-            orphaned(shared, &calls[first..first + count], replies);
+        if let Err((calls, replies)) = reply.send(own) {
+            orphaned(shared, &calls, replies);
         }
-        first += count;
     }
 }
 

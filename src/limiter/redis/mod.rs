@@ -400,9 +400,14 @@ impl Store for RedisStore {
             self.jobs
                 .send(batch::Job { calls, reply })
                 .map_err(|_| StoreError::Unavailable("the Redis dispatcher stopped".into()))?;
+            let mut answer = batch::Answer {
+                rx: Some(answer),
+                shared: &self.shared,
+            };
             let replies = answer
+                .replies()
                 .await
-                .map_err(|_| StoreError::Unavailable("the Redis batch was dropped".into()))?;
+                .ok_or_else(|| StoreError::Unavailable("the Redis batch was dropped".into()))?;
             if replies.len() != ops.len() {
                 return Err(StoreError::BadReply(
                     "reply count does not match the batch".into(),
