@@ -40,7 +40,8 @@ grep -o 'fault-matrix: .*' "$log" | sed 's/^fault-matrix: //' | awk '
   }'
 echo
 # The test harness's verdict, and the failures in full when there are any.
-grep -E '^test result:|^test .* (ok|FAILED|ignored)' "$log"
+grep -E '^test result:' "$log"
+sed -n '/^failures:$/,/^test result:/p' "$log" | grep -E '^    [a-z0-9_]+$' | sort -u | sed 's/^ */failed: /'
 if [ "$status" -ne 0 ]; then
   echo
   echo "redis_faults failed (exit $status); its output:" >&2
