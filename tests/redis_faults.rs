@@ -27,9 +27,8 @@
 //!
 //! Two cases miss their bounds and are ignored, each saying why: the Sentinel failover with
 //! three replicas (in about half the runs) and the healthy case (no fault, many streams),
-//! which runs at
-//! full size (1,000 streams, 100,000 requests) with `SLUICE_FAULTS_FULL=1`, at a fifth of it
-//! without; `scripts/faults.sh` runs it, at full size.
+//! which runs at full size (1,000 streams, 100,000 requests) with `SLUICE_FAULTS_FULL=1`, at
+//! a fifth of it without. `scripts/faults.sh` runs both, the healthy one at full size.
 //!
 //! Real time and real processes: nothing here asserts on speed (recovery is printed, the
 //! bounds are counts), and the cases take turns (a busy two-core machine would otherwise
