@@ -386,6 +386,15 @@ impl RedisServer {
         }
     }
 
+    /// [`RedisServer::restart`] with `extra` arguments for this one run (`--requirepass x`:
+    /// a Redis that comes back demanding a password); the next plain restart drops them.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        let base = self.argv.clone();
+        self.argv.extend(extra.iter().map(|s| s.to_string()));
+        self.restart();
+        self.argv = base;
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
