@@ -19,7 +19,7 @@
 //! read-only or refusing the credentials, and closing on it would flap). No request is ever
 //! used as a probe, so none pays for one.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +76,8 @@ struct Breaker {
     failures: AtomicU32,
     /// Why it opened last, with what to do about it (for `/readyz` and the log).
     reason: Mutex<String>,
+    /// When it last closed (ms since the epoch, the fallback's clock).
+    closed_at: AtomicU64,
 }
 
 impl Breaker {
@@ -104,6 +106,7 @@ impl Fallback {
                     open: AtomicBool::new(false),
                     failures: AtomicU32::new(0),
                     reason: Mutex::new(String::new()),
+                    closed_at: AtomicU64::new(0),
                 })
                 .collect(),
             clock,
@@ -220,6 +223,9 @@ impl Fallback {
     fn close(&self, shard: usize) {
         let breaker = self.breaker(shard);
         breaker.failures.store(0, Ordering::Release);
+        breaker
+            .closed_at
+            .store(self.clock.now_ms(), Ordering::Release);
         breaker.open.store(false, Ordering::Release);
         info!(
             store = self.inner.source().as_str(),
@@ -407,6 +413,41 @@ impl Fallback {
         shards
     }
 
+    /// Just after a breaker closed, with several replicas: a hit the store admits must also fit
+    /// in this replica's own share of the fallback's count, where the fallback counted it.
+    /// The other replicas may not have written back what they admitted yet (each closes its
+    /// breaker on its own probe, a few hundred ms apart), so the store's count alone would
+    /// let this one admit their hits a second time.
+    fn settling(&self, ops: &mut [CounterOp], now: u64) {
+        let replicas = u64::from(self.config.replicas.max(1));
+        if replicas == 1 {
+            return;
+        }
+        let since = now.saturating_sub(self.breakers[0].closed_at.load(Ordering::Acquire));
+        let settle = (self.config.probe_interval.as_millis() as u64)
+            .saturating_mul(2)
+            .saturating_add(FLUSH_EVERY.as_millis() as u64);
+        if self.inner.sharded() || since > settle {
+            return;
+        }
+        for op in ops.iter_mut() {
+            let counted_here = op.mode == HitMode::Take
+                && !op.outcome.over
+                && op.policy.fallback == FallbackMode::Local
+                && self.local.holds(op);
+            if !counted_here {
+                continue;
+            }
+            let mut local = op.clone();
+            local.threshold.limit = op.threshold.limit.div_ceil(replicas);
+            self.local.apply_one(&mut local, now);
+            if local.outcome.over {
+                op.outcome.over = true;
+                op.outcome.remaining = 0;
+            }
+        }
+    }
+
     /// Calls the store for `ops` within their budget; what it cannot answer, the fallback does.
     async fn call(self: &Arc<Self>, ops: &mut [CounterOp], now: u64) -> Result<(), StoreError> {
         let budget = ops
@@ -424,6 +465,7 @@ impl Fallback {
                     self.breaker(0).failures.store(0, Ordering::Release);
                 }
                 self.ledger.observe(ops, now);
+                self.settling(ops, now);
                 return Ok(());
             }
             // Part of the batch answered (a cluster with one shard failing): only the failed

@@ -79,6 +79,11 @@ impl MemoryStore {
         });
     }
 
+    /// Whether `op`'s windowed counter has live state here (the fallback counted it).
+    pub fn holds(&self, op: &CounterOp) -> bool {
+        op.algorithm != Algorithm::Concurrent && self.counters.get(&op.counter).is_some()
+    }
+
     /// Replaces `op`'s counter with one that holds `hits` charged at `at`: where the fallback
     /// starts a counter the store has been counting (see [`super::reconcile`]).
     pub fn seed(&self, op: &CounterOp, at: u64, hits: u64) {
