@@ -432,13 +432,15 @@ async fn evalsha(shared: &Shared, slot: u16, calls: &[Call]) -> Result<Value, Er
     // On a cluster, the slot's master's own client: a dead master fails its own calls at once
     // and stalls nobody else's. fred's cluster client takes a slot whose master has no
     // client yet, and a slot that moved (MOVED) is sent there again.
-    // (A node client not connected, new or its node down, leaves it to fred's client too.)
-    if let Some(node) = shared
-        .shards
-        .get()
-        .and_then(|s| s.client_for(slot))
-        .filter(|node| node.is_connected())
-    {
+    // A master whose own client is down fails its calls at once: sent through fred's client,
+    // they would wait for it (and hold a batch slot that other shards' calls need).
+    if let Some(node) = shared.shards.get().and_then(|s| s.client_for(slot)) {
+        if !node.is_connected() {
+            return Err(Error::new(
+                ErrorKind::IO,
+                format!("no connection to the master of slot {slot} is up"),
+            ));
+        }
         match evalsha_on(&node, shared, slot, calls).await {
             Err(e) if e.details().starts_with("MOVED") || e.details().starts_with("ASK") => {}
             other => return other,

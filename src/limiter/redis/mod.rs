@@ -285,6 +285,11 @@ impl RedisStore {
             shards
         });
         if let Some(shards) = &shards {
+            if reachable {
+                shards
+                    .wait_ready(&shared.pool.next(), connect_timeout)
+                    .await;
+            }
             let _ = shared.shards.set(shards.clone());
         }
         let store = Self {

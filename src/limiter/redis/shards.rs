@@ -75,13 +75,13 @@ impl Shards {
             .unwrap_or_else(|| format!("shard {shard}"))
     }
 
-    /// Rebuilds the table from fred's view of the cluster.
-    fn refresh(&self, client: &Client) {
+    /// Rebuilds the table from fred's view of the cluster; whether fred had one yet.
+    fn refresh(&self, client: &Client) -> bool {
         let Some(routing) = client.cached_cluster_state() else {
-            return;
+            return false;
         };
         let Ok(mut names) = self.names.lock() else {
-            return;
+            return false;
         };
         let mut table = vec![0u8; SLOTS];
         let mut clients = (**self.clients.load()).clone();
@@ -107,14 +107,33 @@ impl Shards {
         drop(names);
         self.clients.store(Arc::new(clients));
         self.table.store(Arc::new(table));
+        true
+    }
+
+    /// Waits (at most `within`) until fred knows the cluster and every master's own client is
+    /// connected: at start, so the first calls do not fail for a connection still being made.
+    pub async fn wait_ready(&self, client: &Client, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.refresh(client) {
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(REFRESH / 10).await;
+        }
+        for node in self.clients.load().iter().flatten() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = tokio::time::timeout(left, node.wait_for_connect()).await;
+        }
     }
 
     /// Follows the cluster until the store is gone (nothing else holds the shards).
     pub fn follow(shards: Arc<Shards>, pool: Pool) {
         tokio::spawn(async move {
             loop {
-                shards.refresh(pool.next());
-                tokio::time::sleep(REFRESH).await;
+                // Until fred knows the cluster (it connects in the background), ask often:
+                // the masters' own clients are made from it.
+                let known = shards.refresh(pool.next());
+                tokio::time::sleep(if known { REFRESH } else { REFRESH / 10 }).await;
                 if Arc::strong_count(&shards) == 1 {
                     for client in shards.clients.load().iter().flatten() {
                         let _ = client.quit().await;
