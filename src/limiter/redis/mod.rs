@@ -286,9 +286,7 @@ impl RedisStore {
         });
         if let Some(shards) = &shards {
             if reachable {
-                shards
-                    .wait_ready(&shared.pool.next(), connect_timeout)
-                    .await;
+                shards.wait_ready(shared.pool.next(), connect_timeout).await;
             }
             let _ = shared.shards.set(shards.clone());
         }
